@@ -1,0 +1,19 @@
+"""fcgi-manager: a prefork FastCGI process manager for Python WSGI applications.
+
+``from fcgi_manager import WSGIServer`` is a drop-in for flup's server in a ``.fcgi`` file.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["WSGIServer", "__version__"]
+
+
+def __getattr__(name: str):
+    # Imported lazily so that `import fcgi_manager` stays cheap for the CLI and the workers.
+    if name == "WSGIServer":
+        from .server import WSGIServer
+
+        return WSGIServer
+    raise AttributeError(name)

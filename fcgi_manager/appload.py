@@ -1,0 +1,113 @@
+"""Find and import the WSGI application named by ``app.module``.
+
+``"pkg.module:app"`` takes an attribute, ``"pkg.module:create_app()"`` calls a factory
+(with literal arguments allowed: ``create_app('production')``), and ``"pkg.module"`` alone
+looks for ``application`` then ``app``, as mod_wsgi and gunicorn users expect.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import os
+import sys
+import traceback
+from typing import Callable, Sequence
+
+from .errors import AppImportError
+
+
+def prepare_import(path: Sequence[str], chdir: str) -> None:
+    """``app.chdir`` then ``app.path`` (and the current directory) on ``sys.path``."""
+    if chdir:
+        os.chdir(chdir)
+    for entry in reversed(list(path)):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def _hint(exc: BaseException, module: str) -> str:
+    if isinstance(exc, ModuleNotFoundError) and exc.name and module.startswith(exc.name):
+        return (f"module {exc.name!r} is not on the path: set app.path (or app.chdir) to the "
+                f"directory that holds it; sys.path[0:3] was {sys.path[:3]}")
+    if isinstance(exc, ModuleNotFoundError):
+        return (f"the app imports {exc.name!r}, which this interpreter ({sys.executable}) "
+                "cannot find: install it there, or run fcgi-manager from the app's virtualenv")
+    if isinstance(exc, (FileNotFoundError, PermissionError)):
+        return ("the app opened a relative path or a file this user cannot read: set "
+                "app.chdir, or check the file's permissions for manager.user")
+    if isinstance(exc, KeyError):
+        return "the app reads an environment variable that is not set: add it to app.env"
+    return "fix the error in the app's code shown above"
+
+
+def load_app(spec: str) -> Callable:
+    """Import and return the WSGI callable; raise AppImportError with the app's traceback."""
+    module_name, _, expr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except BaseException as exc:  # SystemExit in an app's import is an import failure too
+        raise AppImportError(
+            f"cannot import the app module {module_name!r}: {type(exc).__name__}: {exc}",
+            traceback.format_exc(),
+            _hint(exc, module_name),
+        ) from None
+    if not expr:
+        for name in ("application", "app"):
+            if hasattr(module, name):
+                expr = name
+                break
+        else:
+            raise AppImportError(
+                f"module {module_name!r} has no 'application' or 'app'",
+                hint=f'name the callable: module = "{module_name}:your_app"',
+            )
+    try:
+        app = _evaluate(module, expr)
+    except AppImportError:
+        raise
+    except BaseException as exc:
+        raise AppImportError(
+            f"{spec}: calling the app factory failed: {type(exc).__name__}: {exc}",
+            traceback.format_exc(),
+            _hint(exc, module_name),
+        ) from None
+    if not callable(app):
+        raise AppImportError(f"{spec} is a {type(app).__name__}, not a WSGI callable",
+                             hint="point app.module at the WSGI application object")
+    return app
+
+
+def _evaluate(module: object, expr: str) -> object:
+    try:
+        node = ast.parse(expr.strip(), mode="eval").body
+    except SyntaxError:
+        raise AppImportError(f"cannot read {expr!r} after the ':'",
+                             hint='write "module:app" or "module:create_app()"') from None
+    if isinstance(node, ast.Name):
+        return _attribute(module, node.id)
+    if isinstance(node, ast.Attribute):
+        return getattr(_evaluate(module, ast.unparse(node.value)), node.attr)
+    if isinstance(node, ast.Call):
+        try:
+            args = [ast.literal_eval(a) for a in node.args]
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg}
+        except ValueError:
+            raise AppImportError(f"the factory call {expr!r} may take literal arguments only"
+                                 ) from None
+        return _evaluate(module, ast.unparse(node.func))(*args, **kwargs)
+    raise AppImportError(f"cannot read {expr!r} after the ':'",
+                         hint='write "module:app" or "module:create_app()"')
+
+
+def _attribute(module: object, name: str) -> object:
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise AppImportError(
+            f"module {getattr(module, '__name__', module)!r} has no attribute {name!r}",
+            hint="check the name after ':' in app.module",
+        ) from None

@@ -1,0 +1,367 @@
+"""The configuration: TOML in, frozen dataclasses out, every error naming file and key.
+
+Each ``[section]`` of the file is one dataclass; every field has a default except
+``app.module``. Unknown keys and wrong types are errors (a typo must never be silently
+ignored). Relative paths are made absolute against the config file's directory, so the
+master can ``chdir`` and daemonize without changing their meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python < 3.11 only
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    module: str = ""
+    path: Tuple[str, ...] = ()
+    chdir: str = ""
+    env: Tuple[Tuple[str, str], ...] = ()
+    clear_env: bool = False
+    preload: bool = True
+    script_name: Optional[str] = None
+    fix_root_url: bool = False
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    bind: str = "127.0.0.1:9000"
+    backlog: int = 1024
+    mode: str = "0660"
+    owner: str = ""
+    group: str = ""
+    allowed_clients: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    count: int = 0  # 0 = number of CPUs, resolved by ``effective_count``
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    timeout: float = 60.0
+    slow_request: float = 0.0
+    graceful_timeout: float = 30.0
+    max_memory: int = 0  # bytes, 0 = off
+    mode: str = "static"
+    min_spare: int = 1
+    max_spare: int = 3
+    max_workers: int = 8
+    idle_timeout: float = 10.0
+    queue_timeout: float = 0.0
+    max_body_in_memory: int = 1024 * 1024
+    read_timeout: float = 30.0
+    write_timeout: float = 60.0
+    max_idle_connections: int = 64
+
+    @property
+    def effective_count(self) -> int:
+        if self.count:
+            return self.count
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    path: str = ""
+    ping_path: str = ""
+    ping_response: str = "pong"
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    pidfile: str = ""
+    control: str = ""
+    user: str = ""
+    group: str = ""
+    log: str = ""  # "" = stderr in the foreground, beside the pidfile in the background
+    log_level: str = "info"
+    umask: int = 0o022
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    app: AppConfig = field(default_factory=AppConfig)
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
+    manager: ManagerConfig = field(default_factory=ManagerConfig)
+    source: str = ""  # the config file, "" when built from the command line
+
+    def replace(self, **sections: Any) -> Config:
+        return dataclasses.replace(self, **sections)
+
+
+SECTIONS = {
+    "app": AppConfig,
+    "listen": ListenConfig,
+    "workers": WorkersConfig,
+    "status": StatusConfig,
+    "manager": ManagerConfig,
+}
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+MODES = ("static", "dynamic", "ondemand")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 1000**2, "MB": 1000**2,
+               "MIB": 1024**2, "G": 1000**3, "GB": 1000**3, "GIB": 1024**3, "T": 1000**4,
+               "TB": 1000**4, "TIB": 1024**4}
+
+
+def parse_size(value: Any, where: str) -> int:
+    """``"512MiB"``, ``"1MB"``, ``1048576`` -> bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a size like \"512MiB\", got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{where}: must not be negative")
+        return value
+    if isinstance(value, str):
+        if value.strip() == "":
+            return 0
+        m = _SIZE_RE.match(value)
+        if m:
+            unit = (m.group(2) or "").upper()
+            if unit in _SIZE_UNITS:
+                return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    raise ConfigError(
+        f"{where}: cannot read {value!r} as a size", hint='write it like "512MiB", "64KiB" or 0'
+    )
+
+
+def _where(source: str, key: str) -> str:
+    return f"{source}: [{key.split('.')[0]}] {key.split('.', 1)[1]}" if source else key
+
+
+def _expect(value: Any, types: Tuple[type, ...], where: str, what: str) -> Any:
+    if isinstance(value, bool) and bool not in types:
+        raise ConfigError(f"{where}: expected {what}, got {value!r}")
+    if not isinstance(value, types):
+        raise ConfigError(f"{where}: expected {what}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _resolve_path(path: str, base: str) -> str:
+    if not path or path == "-":
+        return path
+    path = os.path.expanduser(path)
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
+
+
+def _convert(section: str, key: str, value: Any, source: str, base: str) -> Any:
+    """Check one key's type and turn it into the dataclass field's value."""
+    where = _where(source, f"{section}.{key}")
+    full = f"{section}.{key}"
+    if full in ("workers.max_memory", "workers.max_body_in_memory"):
+        return parse_size(value, where)
+    if full == "app.path":
+        if isinstance(value, str):
+            value = [value]
+        _expect(value, (list,), where, "a list of directories")
+        return tuple(_resolve_path(_expect(p, (str,), where, "a directory"), base) for p in value)
+    if full == "app.env":
+        _expect(value, (dict,), where, "a table of NAME = \"value\"")
+        out = []
+        for k, v in value.items():
+            if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+                raise ConfigError(f"{where}.{k}: expected a string, got {v!r}")
+            out.append((k, str(v)))
+        return tuple(out)
+    if full == "listen.allowed_clients":
+        if isinstance(value, str):
+            value = [value]
+        _expect(value, (list,), where, "a list of IP addresses")
+        return tuple(_expect(v, (str,), where, "an IP address") for v in value)
+    if full == "listen.mode":
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = oct(value)[2:] if value > 0o777 else format(value, "o")
+        text = _expect(value, (str,), where, 'an octal mode like "0660"')
+        if not re.fullmatch(r"0?[0-7]{3}", text):
+            raise ConfigError(f'{where}: expected an octal mode like "0660", got {text!r}')
+        return text
+    if full == "manager.umask":
+        if isinstance(value, str):
+            if not re.fullmatch(r"0?[0-7]{3}", value):
+                raise ConfigError(f'{where}: expected an octal umask like "022", got {value!r}')
+            return int(value, 8)
+        return _expect(value, (int,), where, 'an octal umask like "022"')
+    if full in ("manager.pidfile", "manager.control", "manager.log", "app.chdir"):
+        return _resolve_path(_expect(value, (str,), where, "a path"), base)
+    if full == "app.script_name":
+        return _expect(value, (str,), where, "a path prefix like \"/app\"")
+    default = getattr(SECTIONS[section](), key)
+    if isinstance(default, bool):
+        return _expect(value, (bool,), where, "true or false")
+    if isinstance(default, int):
+        return _expect(value, (int,), where, "a whole number")
+    if isinstance(default, float):
+        return float(_expect(value, (int, float), where, "a number of seconds"))
+    return _expect(value, (str,), where, "a string")
+
+
+def _check(cfg: Config, source: str) -> None:
+    """Rules that span a value's range or several keys."""
+    def err(key: str, msg: str, hint: str = "") -> ConfigError:
+        return ConfigError(f"{_where(source, key)}: {msg}", hint)
+
+    app, w, m, li = cfg.app, cfg.workers, cfg.manager, cfg.listen
+    if not app.module:
+        raise err("app.module", "is required", 'set it like module = "yourapplication:app"')
+    mod, sep, attr = app.module.partition(":")
+    if not mod or not re.fullmatch(r"[A-Za-z_][\w.]*", mod) or (sep and not attr):
+        raise err(
+            "app.module", f'cannot read {app.module!r}', 'write "package.module:app" or '
+            '"package.module:create_app()"'
+        )
+    for key in ("count", "max_requests", "max_requests_jitter", "min_spare", "max_spare"):
+        if getattr(w, key) < 0:
+            raise err(f"workers.{key}", "must not be negative")
+    for key in ("timeout", "graceful_timeout", "read_timeout", "write_timeout", "idle_timeout"):
+        if getattr(w, key) <= 0:
+            raise err(f"workers.{key}", "must be more than 0 seconds")
+    for key in ("slow_request", "queue_timeout"):
+        if getattr(w, key) < 0:
+            raise err(f"workers.{key}", "must not be negative (0 turns it off)")
+    if w.count > 1024:
+        raise err("workers.count", "more than 1024 workers is not supported")
+    if w.mode not in MODES:
+        raise err("workers.mode", f"must be one of {', '.join(MODES)}, got {w.mode!r}")
+    if w.max_workers < 1 or w.max_workers > 1024:
+        raise err("workers.max_workers", "must be between 1 and 1024")
+    if w.mode == "dynamic":
+        if w.min_spare > w.max_spare:
+            raise err("workers.min_spare", f"({w.min_spare}) is above max_spare ({w.max_spare})")
+        if w.effective_count > w.max_workers:
+            raise err("workers.count", f"({w.effective_count}) is above max_workers "
+                      f"({w.max_workers})")
+    if w.max_idle_connections < 0:
+        raise err("workers.max_idle_connections", "must not be negative")
+    if li.backlog < 1:
+        raise err("listen.backlog", "must be at least 1")
+    if m.log_level.lower() not in LOG_LEVELS:
+        raise err("manager.log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+    for key in ("path", "ping_path"):
+        value = getattr(cfg.status, key)
+        if value and not value.startswith("/"):
+            raise err(f"status.{key}", f"must start with '/', got {value!r}")
+    if app.script_name and not app.script_name.startswith("/"):
+        raise err("app.script_name", f"must start with '/' (or be \"\"), got {app.script_name!r}")
+
+
+def build(data: Dict[str, Any], source: str = "", base: str = "") -> Config:
+    """Turn parsed TOML (or a dict built by the CLI or the Python API) into a Config."""
+    base = base or os.getcwd()
+    sections: Dict[str, Any] = {}
+    for section, value in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"{source or 'config'}: unknown section [{section}]",
+                f"sections are {', '.join('[' + s + ']' for s in SECTIONS)}",
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source or 'config'}: [{section}] must be a table")
+        cls = SECTIONS[section]
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, item in value.items():
+            if key not in names:
+                close = [n for n in names if n.startswith(key[:3])]
+                raise ConfigError(
+                    f"{_where(source, f'{section}.{key}')}: unknown key",
+                    f"did you mean {close[0]!r}?" if close else
+                    f"[{section}] knows {', '.join(sorted(names))}",
+                )
+            kwargs[key] = _convert(section, key, item, source, base)
+        sections[section] = cls(**kwargs)
+    cfg = Config(source=source, **sections)
+    cfg = _fill_defaults(cfg, base)
+    _check(cfg, source)
+    return cfg
+
+
+def _fill_defaults(cfg: Config, base: str) -> Config:
+    """Defaults that depend on other values: pidfile and control socket beside each other."""
+    m = cfg.manager
+    pidfile = m.pidfile
+    if not pidfile:
+        name = m.name or _default_name(cfg)
+        pidfile = os.path.join(base if cfg.source else _runtime_dir(), f"{name}.pid")
+    control = m.control or os.path.splitext(pidfile)[0] + ".ctl"
+    manager = dataclasses.replace(m, pidfile=pidfile, control=control,
+                                  log_level=m.log_level.lower())
+    bind = cfg.listen.bind
+    if bind.startswith("unix:") and not os.path.isabs(bind[5:]):
+        bind = "unix:" + os.path.normpath(os.path.join(base, bind[5:]))
+    elif bind.startswith("/") or bind.startswith("./"):
+        bind = "unix:" + os.path.normpath(os.path.join(base, bind))
+    listen = dataclasses.replace(cfg.listen, bind=bind)
+    return cfg.replace(manager=manager, listen=listen)
+
+
+def _default_name(cfg: Config) -> str:
+    if cfg.listen.bind.startswith("fd:") and not cfg.source:
+        # Web servers (mod_fcgid, lighttpd bin-path) start several of us on one fd:
+        # each needs its own pidfile and control socket.
+        return f"fcgi-manager-fd-{os.getpid()}"
+    if cfg.source:
+        return os.path.splitext(os.path.basename(cfg.source))[0] + ".fcgi-manager"
+    return "fcgi-manager-" + re.sub(r"[^\w.-]+", "_", cfg.listen.bind).strip("_")
+
+
+def _runtime_dir() -> str:
+    for d in (os.environ.get("XDG_RUNTIME_DIR", ""), "/run" if os.geteuid() == 0 else "",
+              "/tmp"):
+        if d and os.path.isdir(d) and os.access(d, os.W_OK):
+            return d
+    return "/tmp"
+
+
+def load(path: str) -> Config:
+    """Read and validate a TOML config file."""
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist",
+                          "pass the right file with -c or $FCGI_MANAGER_CONFIG") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} is not readable by this user") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8: {exc}") from None
+    return build(data, source=path, base=os.path.dirname(path))
+
+
+def from_options(module: str, **options: Any) -> Config:
+    """A Config from keyword options (``run`` and the Python API): ``bind=...``, ``count=...``.
+
+    Each option name is looked up in [listen], [workers], [app], [status], [manager] in
+    that order, so ``WSGIServer(app, maxRequests=...)``-style callers can pass any key.
+    """
+    data: Dict[str, Dict[str, Any]] = {"app": {"module": module}}
+    for key, value in options.items():
+        if value is None:
+            continue
+        for section in ("listen", "workers", "app", "status", "manager"):
+            if key in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+                data.setdefault(section, {})[key] = value
+                break
+        else:
+            raise ConfigError(f"unknown option {key!r}")
+    return build(data)

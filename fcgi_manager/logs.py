@@ -1,0 +1,145 @@
+"""Logging for operators: one line per event, tagged with who said it.
+
+Master lines read ``2026-11-25 12:00:00 [master 1234] INFO: message``. Workers log to
+their stderr, which the master reads line by line and writes as
+``2026-11-25 12:00:00 [worker 3 pid 1240] ERROR: message`` -- the same tag for the app's
+own prints, ``wsgi.errors`` and stack dumps, so ``grep 'worker 3'`` finds everything.
+
+The log file is reopened on ``reopen-logs``/``SIGUSR1`` (logrotate). A log that cannot be
+written (disk full, permissions) never stops serving: the failure is reported once on
+stderr and logging goes on trying.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Optional, TextIO
+
+LOGGER = "fcgi_manager"
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, tag: str) -> None:
+        super().__init__()
+        self.tag = tag
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
+        msg = record.getMessage()
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        tag = getattr(record, "tag", None) or f"{self.tag} {os.getpid()}"
+        return f"{ts} [{tag}] {record.levelname}: {msg}"
+
+
+class ReopenableHandler(logging.Handler):
+    """Writes to a file (reopened on demand) or to stderr; never raises into the caller."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.stream: Optional[TextIO] = None
+        self._failed = False
+        self.reopen()
+
+    def reopen(self) -> None:
+        if self.path in ("", "-"):
+            self.stream = sys.stderr
+            return
+        old = self.stream
+        try:
+            self.stream = open(self.path, "a", encoding="utf-8", errors="replace", buffering=1)
+            self._failed = False
+        except OSError as exc:
+            self._report(f"cannot open log file {self.path}: {exc.strerror}")
+            if old is None:
+                self.stream = None
+            return
+        if old is not None and old is not sys.stderr:
+            try:
+                old.close()
+            except OSError:
+                pass
+
+    def _report(self, text: str) -> None:
+        if self._failed:
+            return
+        self._failed = True
+        try:
+            sys.__stderr__.write(f"fcgi-manager: {text}; serving goes on\n")
+            sys.__stderr__.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def write_line(self, line: str) -> None:
+        stream = self.stream
+        if stream is None:
+            return
+        try:
+            stream.write(line + "\n")
+            stream.flush()
+            if self._failed and stream is not sys.stderr:
+                self._failed = False
+        except (OSError, ValueError) as exc:
+            self._report(f"cannot write the log {self.path}: {getattr(exc, 'strerror', exc)}")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # a bad format string must not take the master down
+            line = f"(unformattable log record: {record.msg!r})"
+        self.write_line(line)
+
+    def close(self) -> None:
+        if self.stream is not None and self.stream is not sys.stderr:
+            try:
+                self.stream.close()
+            except OSError:
+                pass
+        self.stream = None
+        super().close()
+
+
+def setup_master(path: str, level: str) -> ReopenableHandler:
+    """Route the package's logger to ``path`` ("-" = stderr) for the master."""
+    logger = logging.getLogger(LOGGER)
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    handler = ReopenableHandler(path)
+    handler.setFormatter(_Formatter("master"))
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
+    logging.raiseExceptions = False
+    return handler
+
+
+class _WorkerFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        return f"{record.levelname}: {msg}"
+
+
+def setup_worker(level: str) -> None:
+    """In a worker: plain ``LEVEL: message`` lines on stderr; the master adds time and tag."""
+    logger = logging.getLogger(LOGGER)
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_WorkerFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
+    logging.raiseExceptions = False
+
+
+def worker_line(handler: ReopenableHandler, worker_id: int, pid: int, line: str) -> None:
+    """Write one captured line of a worker's output, tagged."""
+    ts = time.strftime("%Y-%m-%d %H:%M:%S")
+    handler.write_line(f"{ts} [worker {worker_id} pid {pid}] {line}")

@@ -1,0 +1,176 @@
+"""The scoreboard: pool-wide state in shared memory, so status costs requests nothing.
+
+Created by the master before it forks (an anonymous ``MAP_SHARED`` mapping, or a memfd
+that survives the master re-executing itself on reload). Layout::
+
+    header  (HEADER_SIZE bytes)  written by the master only: its pid, generation, totals,
+                                 listen queue; read by workers for the status page
+    slot[i] (SLOT_SIZE bytes)    one per worker id; written by that worker on every state
+                                 change, by the master when it assigns or frees the slot
+
+A worker writes its own slot twice per request (busy with method and URI, then idle with
+the request count): two ``struct.pack_into`` calls, no syscall, no lock. Readers may see a
+half-written slot for one sample; every field is independent, so the worst case is one
+stale value, never a crash (text is decoded with ``errors="replace"``).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+from typing import Dict, Iterator, List, Optional
+
+from .states import STATE_CODES, STATE_NAMES, WorkerState
+
+MAX_SLOTS = 1024
+HEADER = struct.Struct(
+    "=i I d"  # master pid, generation, started_at (wall clock)
+    " Q Q Q Q Q Q Q Q Q Q"  # accepted_dead, respawns, crashes, timeouts, slow, recycled,
+    # shed_dead, max_children_reached, max_active, spawn_failures
+    " q q"  # queue, max_queue (-1 = unknown)
+    " I I"  # target worker count, backoff (ms) now
+)
+HEADER_SIZE = 256
+HEADER_FIELDS = (
+    "master_pid", "generation", "started_at",
+    "accepted_dead", "respawns", "crashes", "timeouts", "slow", "recycled", "shed_dead",
+    "max_children_reached", "max_active", "spawn_failures",
+    "queue", "max_queue", "target", "backoff_ms",
+)
+
+# Per slot: identity (written at spawn), request state (written per request), samples
+# (written by the master's tick), counters.
+IDENT = struct.Struct("=i I d")  # pid, generation, started_at
+IDENT_OFF = 0
+REQ = struct.Struct("=B 7x Q d 16s 200s")  # state, requests, busy_since (monotonic), method, uri
+REQ_OFF = 16
+IDLE = struct.Struct("=B 7x Q d")  # state, requests, busy_since=0
+SAMPLE = struct.Struct("=Q f f")  # rss bytes, cpu percent, spare
+SAMPLE_OFF = REQ_OFF + REQ.size
+COUNTERS = struct.Struct("=Q I I")  # shed, slow-dumped request number, spare
+COUNTERS_OFF = SAMPLE_OFF + SAMPLE.size
+SLOT_SIZE = 320
+assert COUNTERS_OFF + COUNTERS.size <= SLOT_SIZE
+assert HEADER.size <= HEADER_SIZE
+
+_BUSY = STATE_CODES[WorkerState.BUSY]
+_IDLE = STATE_CODES[WorkerState.IDLE]
+
+
+class Scoreboard:
+    """Shared memory for ``slots`` workers; ``fd`` is set when backed by a memfd."""
+
+    def __init__(self, slots: int = MAX_SLOTS, fd: Optional[int] = None) -> None:
+        self.slots = slots
+        size = HEADER_SIZE + slots * SLOT_SIZE
+        if fd is None and hasattr(os, "memfd_create"):
+            fd = os.memfd_create("fcgi-manager-scoreboard", 0)  # no MFD_CLOEXEC: kept on exec
+            os.ftruncate(fd, size)
+        self.fd = fd
+        if fd is None:
+            self.mem = mmap.mmap(-1, size)
+        else:
+            self.mem = mmap.mmap(fd, size)
+        self.size = size
+
+    # -- master side --------------------------------------------------------------------
+
+    def read_header(self) -> Dict[str, float]:
+        return dict(zip(HEADER_FIELDS, HEADER.unpack_from(self.mem, 0)))
+
+    def write_header(self, values: Dict[str, float]) -> None:
+        HEADER.pack_into(self.mem, 0, *(values[name] for name in HEADER_FIELDS))
+
+    def assign(self, slot: int, pid: int, generation: int) -> None:
+        """Give ``slot`` to a new worker (before it runs, so it is visible at once)."""
+        off = HEADER_SIZE + slot * SLOT_SIZE
+        self.mem[off : off + SLOT_SIZE] = bytes(SLOT_SIZE)
+        IDENT.pack_into(self.mem, off + IDENT_OFF, pid, generation, time.time())
+        self.mem[off + REQ_OFF] = STATE_CODES[WorkerState.STARTING]
+
+    def set_pid(self, slot: int, pid: int) -> None:
+        struct.pack_into("=i", self.mem, HEADER_SIZE + slot * SLOT_SIZE + IDENT_OFF, pid)
+
+    def clear(self, slot: int) -> None:
+        off = HEADER_SIZE + slot * SLOT_SIZE
+        self.mem[off : off + SLOT_SIZE] = bytes(SLOT_SIZE)
+
+    def write_sample(self, slot: int, rss: int, cpu: float) -> None:
+        SAMPLE.pack_into(self.mem, HEADER_SIZE + slot * SLOT_SIZE + SAMPLE_OFF, rss, cpu, 0.0)
+
+    def mark_slow_dumped(self, slot: int, request_no: int) -> None:
+        off = HEADER_SIZE + slot * SLOT_SIZE + COUNTERS_OFF + 8
+        struct.pack_into("=I", self.mem, off, request_no & 0xFFFFFFFF)
+
+    def read_slot(self, slot: int) -> Dict[str, object]:
+        off = HEADER_SIZE + slot * SLOT_SIZE
+        mem = self.mem
+        pid, generation, started_at = IDENT.unpack_from(mem, off + IDENT_OFF)
+        state, requests, busy_since, method, uri = REQ.unpack_from(mem, off + REQ_OFF)
+        rss, cpu, _ = SAMPLE.unpack_from(mem, off + SAMPLE_OFF)
+        shed, slow_dumped, _ = COUNTERS.unpack_from(mem, off + COUNTERS_OFF)
+        return {
+            "slot": slot,
+            "pid": pid,
+            "generation": generation,
+            "started_at": started_at,
+            "state": STATE_NAMES.get(state, WorkerState.STARTING),
+            "requests": requests,
+            "busy_since": busy_since,
+            "method": method.rstrip(b"\0").decode("latin-1", "replace"),
+            "uri": uri.rstrip(b"\0").decode("utf-8", "replace"),
+            "rss": rss,
+            "cpu": cpu,
+            "shed": shed,
+            "slow_dumped": slow_dumped,
+        }
+
+    def used_slots(self) -> Iterator[int]:
+        mem = self.mem
+        for slot in range(self.slots):
+            off = HEADER_SIZE + slot * SLOT_SIZE
+            if mem[off : off + 4] != b"\0\0\0\0":
+                yield slot
+
+    def read_all(self) -> List[Dict[str, object]]:
+        return [self.read_slot(s) for s in self.used_slots()]
+
+    def close(self) -> None:
+        self.mem.close()
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+
+
+class SlotWriter:
+    """A worker's handle on its own slot: the two writes of the request path."""
+
+    __slots__ = ("mem", "off", "requests", "_req_off", "shed")
+
+    def __init__(self, board: Scoreboard, slot: int) -> None:
+        self.mem = board.mem
+        self.off = HEADER_SIZE + slot * SLOT_SIZE
+        self._req_off = self.off + REQ_OFF
+        self.requests = 0
+        self.shed = 0
+
+    def busy(self, method: str, uri: str) -> None:
+        REQ.pack_into(
+            self.mem, self._req_off, _BUSY, self.requests, time.monotonic(),
+            method.encode("latin-1", "replace"), uri.encode("latin-1", "replace")[:200],
+        )
+
+    def idle(self) -> None:
+        self.requests += 1
+        IDLE.pack_into(self.mem, self._req_off, _IDLE, self.requests, 0.0)
+
+    def set_state(self, state: WorkerState) -> None:
+        self.mem[self._req_off] = STATE_CODES[state]
+
+    def count_shed(self) -> None:
+        self.shed += 1
+        struct.pack_into("=Q", self.mem, self.off + COUNTERS_OFF, self.shed)

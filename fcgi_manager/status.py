@@ -1,0 +1,233 @@
+"""Status as plain data, rendered once per format: human table, JSON, OpenMetrics.
+
+:func:`snapshot` reads only the scoreboard (and the config), so the master (for
+``fcgi-manager status``) and any worker (for the ``[status] path`` page) produce the same
+object. Values the OS cannot tell are ``None``, never guesses.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Dict, List, Optional
+from urllib.parse import parse_qs
+
+from . import __version__
+from .scoreboard import Scoreboard
+
+TOTAL_KEYS = ("accepted", "active", "max_active", "respawns", "crashes", "timeouts", "slow",
+              "recycled", "shed", "max_children_reached")
+
+
+def snapshot(cfg: Any, board: Scoreboard) -> Dict[str, Any]:
+    head = board.read_header()
+    now = time.time()
+    mono = time.monotonic()
+    workers: List[Dict[str, Any]] = []
+    accepted = int(head["accepted_dead"])
+    shed = int(head["shed_dead"])
+    active = idle = 0
+    for slot in board.read_all():
+        pid = int(slot["pid"])  # type: ignore[call-overload]
+        if pid <= 0:
+            continue
+        accepted += int(slot["requests"])  # type: ignore[call-overload]
+        shed += int(slot["shed"])  # type: ignore[call-overload]
+        state = str(slot["state"])
+        current = None
+        if state == "busy":
+            active += 1
+            busy_since = float(slot["busy_since"])  # type: ignore[arg-type]
+            current = {"method": slot["method"], "uri": slot["uri"],
+                       "elapsed_s": round(max(0.0, mono - busy_since), 3)}
+        elif state == "idle":
+            idle += 1
+        started = float(slot["started_at"])  # type: ignore[arg-type]
+        workers.append({
+            "id": int(slot["slot"]) + 1,  # type: ignore[call-overload]
+            "pid": pid,
+            "state": state,
+            "generation": int(slot["generation"]),  # type: ignore[call-overload]
+            "requests": int(slot["requests"]),  # type: ignore[call-overload]
+            "started_at": round(started, 3),
+            "uptime_s": round(max(0.0, now - started), 1),
+            "rss_bytes": int(slot["rss"]) or None,  # type: ignore[call-overload]
+            "cpu_percent": round(float(slot["cpu"]), 1),  # type: ignore[arg-type]
+            "current": current,
+        })
+    workers.sort(key=lambda w: w["id"])
+    queue = int(head["queue"])
+    max_queue = int(head["max_queue"])
+    started_at = float(head["started_at"])
+    w = cfg.workers
+    return {
+        "pid": int(head["master_pid"]),
+        "version": __version__,
+        "started_at": round(started_at, 3),
+        "uptime_s": round(max(0.0, now - started_at), 1),
+        "config": cfg.source or None,
+        "app": cfg.app.module,
+        "generation": int(head["generation"]),
+        "mode": w.mode,
+        "target_workers": int(head["target"]),
+        "backoff_s": round(head["backoff_ms"] / 1000.0, 2),
+        "listen": {
+            "bind": cfg.listen.bind,
+            "backlog": cfg.listen.backlog,
+            "queue": queue if queue >= 0 else None,
+            "max_queue": max_queue if max_queue >= 0 else None,
+        },
+        "totals": {
+            "accepted": accepted,
+            "active": active,
+            "idle": idle,
+            "max_active": max(int(head["max_active"]), active),
+            "respawns": int(head["respawns"]),
+            "crashes": int(head["crashes"]),
+            "timeouts": int(head["timeouts"]),
+            "slow": int(head["slow"]),
+            "recycled": int(head["recycled"]),
+            "shed": shed,
+            "max_children_reached": int(head["max_children_reached"]),
+        },
+        "workers": workers,
+    }
+
+
+# -- rendering ---------------------------------------------------------------------------
+
+def human_size(n: Optional[int]) -> str:
+    if not n:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def human_duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def render_text(data: Dict[str, Any]) -> str:
+    t = data["totals"]
+    li = data["listen"]
+    queue = "-" if li["queue"] is None else str(li["queue"])
+    max_queue = "-" if li["max_queue"] is None else str(li["max_queue"])
+    lines = [
+        f"fcgi-manager {data['version']}  master pid {data['pid']}  up "
+        f"{human_duration(data['uptime_s'])}  generation {data['generation']}",
+        f"app      {data['app']}" + (f"  ({data['config']})" if data.get("config") else ""),
+        f"listen   {li['bind']}  queue {queue}/{li['backlog']} (max {max_queue})",
+        f"workers  {len(data['workers'])} ({data['mode']}, target {data['target_workers']}): "
+        f"{t['active']} busy, {t['idle']} idle, max busy {t['max_active']}"
+        + (f"  BACKOFF {data['backoff_s']}s" if data.get("backoff_s") else ""),
+        f"requests {t['accepted']} served, {t['shed']} shed   workers: {t['respawns']} "
+        f"respawned, {t['crashes']} crashed, {t['timeouts']} timed out, {t['recycled']} "
+        f"recycled, {t['slow']} slow requests, max_workers reached {t['max_children_reached']}",
+        "",
+    ]
+    header = ("ID", "PID", "STATE", "GEN", "REQS", "UPTIME", "RSS", "CPU%", "CURRENT")
+    rows = [header]
+    for w in data["workers"]:
+        cur = w["current"]
+        current = (f"{cur['method']} {cur['uri']} ({human_duration(cur['elapsed_s'])})"
+                   if cur else "")
+        rows.append((str(w["id"]), str(w["pid"]), w["state"], str(w["generation"]),
+                     str(w["requests"]), human_duration(w["uptime_s"]),
+                     human_size(w["rss_bytes"]), f"{w['cpu_percent']:.1f}", current))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    for r in rows:
+        cells = [r[i].rjust(widths[i]) if i in (0, 1, 3, 4, 6, 7) else r[i].ljust(widths[i])
+                 for i in range(len(widths))]
+        lines.append("  ".join(cells + [r[-1]]).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def render_json(data: Dict[str, Any]) -> str:
+    return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+
+def _metric(out: List[str], name: str, kind: str, help_text: str,
+            samples: List[tuple]) -> None:
+    full = f"fcgi_manager_{name}"
+    out.append(f"# TYPE {full} {kind}")
+    out.append(f"# HELP {full} {help_text}")
+    suffix = "_total" if kind == "counter" else ""
+    for labels, value in samples:
+        if value is None:
+            continue
+        label_text = ""
+        if labels:
+            label_text = "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels) + "}"
+        out.append(f"{full}{suffix}{label_text} {value}")
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_openmetrics(data: Dict[str, Any]) -> str:
+    """The OpenMetrics text format (what Prometheus scrapes), ending in ``# EOF``."""
+    t = data["totals"]
+    out: List[str] = []
+    counters = {
+        "accepted": "Requests served.",
+        "respawns": "Workers started to replace workers that died unexpectedly.",
+        "crashes": "Worker deaths the master did not ask for.",
+        "timeouts": "Workers killed for running a request past workers.timeout.",
+        "slow": "Requests that ran past workers.slow_request.",
+        "recycled": "Workers replaced on purpose (max_requests, max_memory).",
+        "shed": "Requests answered 503 because they waited past queue_timeout.",
+        "max_children_reached": "Times the pool wanted to grow past max_workers.",
+    }
+    for key, help_text in counters.items():
+        _metric(out, key, "counter", help_text, [((), t[key])])
+    _metric(out, "active_workers", "gauge", "Workers running a request.", [((), t["active"])])
+    _metric(out, "idle_workers", "gauge", "Workers waiting for a request.", [((), t["idle"])])
+    _metric(out, "max_active_workers", "gauge", "Most workers busy at once.",
+            [((), t["max_active"])])
+    _metric(out, "workers", "gauge", "Worker processes.", [((), len(data["workers"]))])
+    _metric(out, "generation", "gauge", "Reload generation.", [((), data["generation"])])
+    _metric(out, "uptime_seconds", "gauge", "Seconds since the master started.",
+            [((), data["uptime_s"])])
+    _metric(out, "listen_queue", "gauge", "Connections waiting in the listen backlog.",
+            [((), data["listen"]["queue"])])
+    _metric(out, "listen_queue_max", "gauge", "High mark of the listen backlog.",
+            [((), data["listen"]["max_queue"])])
+    _metric(out, "listen_backlog", "gauge", "Configured listen backlog.",
+            [((), data["listen"]["backlog"])])
+    per = [(("id", w["id"]), ("pid", w["pid"])) for w in data["workers"]]
+    _metric(out, "worker_requests", "counter", "Requests served by this worker.",
+            [(labels, w["requests"]) for labels, w in zip(per, data["workers"])])
+    _metric(out, "worker_rss_bytes", "gauge", "Resident memory of this worker.",
+            [(labels, w["rss_bytes"]) for labels, w in zip(per, data["workers"])])
+    _metric(out, "worker_busy", "gauge", "1 while this worker runs a request.",
+            [(labels, 1 if w["state"] == "busy" else 0)
+             for labels, w in zip(per, data["workers"])])
+    out.append("# EOF")
+    return "\n".join(out) + "\n"
+
+
+def render_page(data: Dict[str, Any], query: str) -> tuple:
+    """The ``[status] path`` page: (status line, body, content type) for the query string."""
+    q = parse_qs(query, keep_blank_values=True)
+    if "json" in q:
+        return "200 OK", render_json(data).encode(), "application/json"
+    if "openmetrics" in q or "prometheus" in q:
+        return ("200 OK", render_openmetrics(data).encode(),
+                "application/openmetrics-text; version=1.0.0; charset=utf-8")
+    return "200 OK", render_text(data).encode(), "text/plain; charset=utf-8"

@@ -1,0 +1,567 @@
+"""A worker: the FastCGI responder loop around the WSGI app, in a forked child.
+
+One thread, one ``epoll``. It watches the listening socket (``EPOLLEXCLUSIVE``, so one
+connection wakes one worker), the pipe whose other end only the master holds (EOF = the
+master died: finish and exit), its signal wakeup pipe, and every connection it holds that
+is not running a request:
+
+* **Input never blocks the worker.** Bytes are read with ``MSG_DONTWAIT`` and fed to the
+  sans-I/O parser; a connection whose request is not complete yet stays in the epoll set
+  with a deadline. A silent or slow-drip client therefore costs a file descriptor, never a
+  worker (php-fpm and flup park a whole process on it).
+* **Only the app and the response block.** When a request is complete (params and body)
+  the app runs and its response is sent with blocking ``sendall`` bounded by
+  ``SO_SNDTIMEO`` (a client that stops reading cannot hold the worker past
+  ``write_timeout``).
+* **Keep-conn without pinning.** After END_REQUEST a kept connection goes back into the
+  epoll set beside the listening socket; the worker serves whichever is ready first, so
+  nginx's cached connections never make new connections wait in the accept queue (the
+  php-fpm/flup stall). At most ``max_idle_connections`` are held; past that the oldest
+  idle one is closed (nginx sees a clean FIN and opens a new one).
+
+Exit codes tell the master why the worker ended (see ``EXIT_*``); the master logs them.
+Stacks: ``SIGUSR2`` makes faulthandler write every thread's stack to stderr (which the
+master captures into the log), even while the app is stuck in a C call.
+"""
+
+from __future__ import annotations
+
+import errno
+import faulthandler
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional
+
+from . import protocol
+from .errors import ProtocolError
+from .scoreboard import SlotWriter
+from .sockets import ClientFilter
+from .states import WorkerState
+from .wsgi import (
+    BodyBuffer,
+    ClientGone,
+    EnvironBuilder,
+    ErrorStream,
+    request_path,
+    run_app,
+    simple_response,
+)
+
+EXIT_OK = 0  # asked to stop (stop, reload, scale down, master gone)
+EXIT_BOOT_ERROR = 3  # the app could not be imported: the master must not respawn in a loop
+EXIT_RECYCLE_REQUESTS = 10  # served max_requests
+EXIT_RECYCLE_MEMORY = 11  # RSS passed max_memory
+
+STACK_SIGNAL = signal.SIGUSR2
+RECV_SIZE = 256 * 1024
+IDLE_CONN_TIMEOUT = 300.0
+_MSG_DONTWAIT = socket.MSG_DONTWAIT
+_EPOLLIN = select.EPOLLIN
+_EPOLL_ERRS = select.EPOLLHUP | select.EPOLLERR
+
+log = logging.getLogger("fcgi_manager.worker")
+
+
+class Conn:
+    """One connection from the web server, and the request being received on it."""
+
+    __slots__ = ("sock", "fd", "parser", "params", "body", "request_id", "deadline",
+                 "registered", "last_used", "send", "aborted", "peer")
+
+    def __init__(self, sock: socket.socket, peer: Any, max_params: int) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.parser = protocol.ServerConnection(max_params=max_params)
+        self.params: Optional[Dict[str, str]] = None
+        self.body: Optional[BodyBuffer] = None
+        self.request_id = 0
+        self.deadline = 0.0
+        self.registered = False
+        self.last_used = 0.0
+        self.aborted = False
+        self.peer = peer
+        sendall = sock.sendall
+
+        def send(data: bytes) -> None:
+            try:
+                sendall(data)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise ClientGone("the web server closed the connection") from exc
+            except (BlockingIOError, socket.timeout) as exc:
+                raise ClientGone("write timeout: the web server stopped reading") from exc
+
+        self.send = send
+
+    def mid_request(self) -> bool:
+        return self.request_id != 0 or self.parser.buffered > 0
+
+
+class Worker:
+    """The responder loop of one worker process (built and run in the child)."""
+
+    def __init__(
+        self,
+        *,
+        app: Callable,
+        config: Any,
+        listener: socket.socket,
+        slot: SlotWriter,
+        worker_id: int,
+        master_fd: int,
+        notify_fd: int,
+        max_requests: int,
+        status_page: Optional[Callable[[str], tuple]] = None,
+    ) -> None:
+        self.app = app
+        self.cfg = config
+        w = config.workers
+        self.listener = listener
+        self.listen_fd = listener.fileno()
+        self.slot = slot
+        self.worker_id = worker_id
+        self.master_fd = master_fd
+        self.notify_fd = notify_fd
+        self.max_requests = max_requests
+        self.max_memory = w.max_memory
+        self.max_body_in_memory = w.max_body_in_memory
+        self.max_body_size = 0
+        self.read_timeout = w.read_timeout
+        self.max_idle = max(1, w.max_idle_connections)
+        self.queue_timeout = w.queue_timeout
+        self.graceful_timeout = w.graceful_timeout
+        self.status_path = config.status.path
+        self.ping_path = config.status.ping_path
+        self.ping_body = (config.status.ping_response + "\n").encode()
+        self.status_page = status_page
+        self.filter = ClientFilter.from_config(config.listen.allowed_clients)
+        self.errors = ErrorStream(self._app_error_line)
+        self.environ = EnvironBuilder(self.errors, True, config.app.script_name,
+                                      config.app.fix_root_url)
+        self.conns: Dict[int, Conn] = {}
+        self.stopping = False
+        self.exit_code = EXIT_OK
+        self.served = 0
+        self._signals: List[int] = []
+        self.epoll: Any = None
+        self._wakeup_r = -1
+        self._accepting = False
+        self._next_sweep = 0.0
+        self._resume_accept_at = 0.0
+        self._emfile_logged = 0.0
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        self._wakeup_r = r
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGQUIT):
+            signal.signal(sig, self._on_stop_signal)
+        signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_OK))
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        faulthandler.register(STACK_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
+
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    def _notify(self, kind: bytes, payload: bytes = b"") -> None:
+        try:
+            os.write(self.notify_fd, kind + struct.pack("!I", len(payload)) + payload)
+        except OSError:
+            pass
+
+    def _set_send_timeout(self) -> None:
+        """Accepted sockets inherit SO_SNDTIMEO from the listener on Linux; setting it once
+        here bounds every response write without a poll() per send."""
+        secs = self.cfg.workers.write_timeout
+        tv = struct.pack("ll", int(secs), int((secs % 1) * 1e6))
+        try:
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        except OSError:
+            pass
+
+    # -- main loop ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signals()
+        self._set_send_timeout()
+        self.listener.setblocking(False)
+        ep = self.epoll = select.epoll()
+        ep.register(self.listen_fd, _EPOLLIN | getattr(select, "EPOLLEXCLUSIVE", 0))
+        self._accepting = True
+        ep.register(self.master_fd, _EPOLLIN)
+        ep.register(self._wakeup_r, _EPOLLIN)
+        self.slot.set_state(WorkerState.IDLE)
+        self._notify(b"R")
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+        return self.exit_code
+
+    def _loop(self) -> None:
+        ep = self.epoll
+        conns = self.conns
+        listen_fd = self.listen_fd
+        poll_deadline = 0.0
+        while True:
+            if self.stopping:
+                if self._accepting:
+                    self._stop_accepting()
+                if not any(c.mid_request() for c in conns.values()):
+                    return
+                if not poll_deadline:
+                    poll_deadline = time.monotonic() + self.graceful_timeout
+                elif time.monotonic() > poll_deadline:
+                    return
+            timeout = 1.0 if conns or self.stopping or self._resume_accept_at else -1
+            try:
+                events = ep.poll(timeout)
+            except InterruptedError:
+                continue
+            for fd, _ev in events:
+                if fd == listen_fd:
+                    if self._accepting:
+                        self._accept()
+                    continue
+                conn = conns.get(fd)
+                if conn is not None:
+                    self._readable(conn)
+                elif fd == self.master_fd:
+                    log.warning("the master process is gone: finishing and exiting")
+                    ep.unregister(fd)
+                    self.stopping = True
+                elif fd == self._wakeup_r:
+                    try:
+                        os.read(fd, 512)
+                    except OSError:
+                        pass
+            if conns or self._resume_accept_at:
+                now = time.monotonic()
+                if now >= self._next_sweep:
+                    self._sweep(now)
+
+    def _stop_accepting(self) -> None:
+        self._accepting = False
+        try:
+            self.epoll.unregister(self.listen_fd)
+        except (OSError, ValueError):
+            pass
+        # Idle kept connections: serve what already arrived, then close them cleanly.
+        for conn in list(self.conns.values()):
+            if not conn.mid_request():
+                self._readable(conn, closing=True)
+        for conn in list(self.conns.values()):
+            if not conn.mid_request():
+                self._close(conn)
+
+    def _accept(self) -> None:
+        # A bounded batch: serve what is queued, but come back to poll so that kept
+        # connections with requests waiting are not starved by a stream of new ones.
+        for _ in range(16):
+            if self.stopping:
+                return
+            try:
+                sock, peer = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._accept_error(exc)
+                return
+            if self.filter is not None and not self.filter.allows(peer):
+                log.warning("refused a connection from %s: not in listen.allowed_clients",
+                            peer[0] if isinstance(peer, tuple) else peer)
+                sock.close()
+                continue
+            conn = Conn(sock, peer, protocol.DEFAULT_MAX_PARAMS)
+            conn.deadline = time.monotonic() + self.read_timeout
+            self.conns[conn.fd] = conn
+            self._readable(conn)
+
+    def _accept_error(self, exc: OSError) -> None:
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            now = time.monotonic()
+            if now - self._emfile_logged > 60:
+                log.error("cannot accept: %s (raise the open-files limit, `ulimit -n`); "
+                          "backing off", exc.strerror)
+                self._emfile_logged = now
+            # Back off: stop watching the listener for a moment instead of spinning.
+            try:
+                self.epoll.unregister(self.listen_fd)
+                self._accepting = False
+                self._resume_accept_at = now + 0.5
+            except (OSError, ValueError):
+                pass
+            self._next_sweep = 0.0
+        elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+            log.warning("accept failed: %s", exc)
+
+    def _sweep(self, now: float) -> None:
+        """Close connections past their deadline; resume accepting after a backoff."""
+        self._next_sweep = now + 1.0
+        resume = self._resume_accept_at
+        if resume and now >= resume and not self.stopping:
+            self._resume_accept_at = 0.0
+            self.epoll.register(self.listen_fd, _EPOLLIN | getattr(select, "EPOLLEXCLUSIVE", 0))
+            self._accepting = True
+        for conn in list(self.conns.values()):
+            if conn.deadline and now > conn.deadline:
+                if conn.mid_request():
+                    log.warning("dropped a connection that sent an incomplete request for "
+                                "%.0f s (read timeout)", self.read_timeout)
+                self._close(conn)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _readable(self, conn: Conn, closing: bool = False) -> None:
+        try:
+            data = conn.sock.recv(RECV_SIZE, _MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            if not closing:
+                self._park(conn)
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if not data:
+            if conn.mid_request():
+                log.info("the web server closed a connection in the middle of a request")
+            self._close(conn)
+            return
+        try:
+            events = conn.parser.feed(data)
+        except ProtocolError as exc:
+            log.warning("closed a connection from %s: %s", _peer_name(conn.peer), exc)
+            self._close(conn)
+            return
+        if self._handle_events(conn, events) and not closing:
+            self._park(conn)
+
+    def _handle_events(self, conn: Conn, events: List[Any]) -> bool:
+        """Act on parsed events; False if the connection was closed."""
+        for i, ev in enumerate(events):
+            kind = type(ev)
+            if kind is protocol.Stdin:
+                body = conn.body
+                body.append(ev.data)
+                if self.max_body_size and body.size > self.max_body_size:
+                    log.warning("closed a connection: request body over %d bytes",
+                                self.max_body_size)
+                    self._close(conn)
+                    return False
+            elif kind is protocol.Params:
+                conn.params = ev.params
+                try:
+                    expected = int(ev.params.get("CONTENT_LENGTH") or 0)
+                except ValueError:
+                    expected = 0
+                conn.body = BodyBuffer(self.max_body_in_memory, expected)
+            elif kind is protocol.StdinEnd:
+                aborted = any(type(e) is protocol.AbortRequest and e.request_id == ev.request_id
+                              for e in events[i + 1 :])
+                if not self._serve(conn, aborted):
+                    return False
+            elif kind is protocol.BeginRequest:
+                conn.request_id = ev.request_id
+                conn.deadline = time.monotonic() + self.read_timeout
+            elif kind is protocol.AbortRequest:
+                if conn.request_id == ev.request_id:
+                    # Aborted before the app ran: end it without calling the app.
+                    if not self._end_request(conn, 0):
+                        return False
+            elif kind is protocol.GetValues:
+                if not self._send(conn, protocol.encode_get_values_result(
+                        self._get_values(ev.names))):
+                    return False
+            elif kind is protocol.Rejected:
+                if not self._send(conn, protocol.encode_end_request(ev.request_id, 0,
+                                                                    ev.protocol_status)):
+                    return False
+            elif kind is protocol.UnknownType:
+                if not self._send(conn, protocol.encode_unknown_type(ev.record_type)):
+                    return False
+        return True
+
+    def _get_values(self, names: List[str]) -> Dict[str, str]:
+        known = {"FCGI_MAX_CONNS": str(self.max_idle), "FCGI_MAX_REQS": "1",
+                 "FCGI_MPXS_CONNS": "0"}
+        return {n: known[n] for n in names if n in known}
+
+    def _send(self, conn: Conn, data: bytes) -> bool:
+        try:
+            conn.send(data)
+            return True
+        except ClientGone:
+            self._close(conn)
+            return False
+
+    def _end_request(self, conn: Conn, app_status: int) -> bool:
+        rid = conn.request_id
+        self._request_done(conn)
+        return self._send(conn, protocol.end_of_request(rid, app_status))
+
+    def _request_done(self, conn: Conn) -> None:
+        conn.parser.request_done()
+        conn.request_id = 0
+        conn.params = None
+        conn.body = None
+
+    def _park(self, conn: Conn) -> None:
+        """Watch ``conn`` for its next bytes (a kept connection, or a request in progress)."""
+        if not conn.registered:
+            try:
+                self.epoll.register(conn.fd, _EPOLLIN)
+            except OSError:
+                self._close(conn)
+                return
+            conn.registered = True
+            idle = [c for c in self.conns.values() if c.registered and not c.mid_request()]
+            if len(idle) > self.max_idle:
+                oldest = min(idle, key=lambda c: c.last_used)
+                self._close(oldest)
+
+    def _close(self, conn: Conn) -> None:
+        """Close without a reset: shut down our side, read what is left, then close."""
+        self.conns.pop(conn.fd, None)
+        sock = conn.sock
+        if conn.registered:
+            try:
+                self.epoll.unregister(conn.fd)
+            except (OSError, ValueError):
+                pass
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.recv(65536, _MSG_DONTWAIT)
+        except OSError:
+            pass
+        sock.close()
+
+    # -- one request ----------------------------------------------------------------------
+
+    def _serve(self, conn: Conn, aborted: bool) -> bool:
+        """Run the app for the complete request on ``conn``; False if ``conn`` was closed."""
+        params = conn.params or {}
+        rid = conn.request_id
+        if aborted:
+            return self._end_request(conn, 0)
+        slot = self.slot
+        method = params.get("REQUEST_METHOD", "GET")
+        uri = params.get("REQUEST_URI") or params.get("SCRIPT_NAME", "") + params.get(
+            "PATH_INFO", "")
+        slot.busy(method, uri)
+        send = conn.send
+        keep = conn.parser.keep_conn
+        try:
+            special = self._special(params) if (self.status_path or self.ping_path
+                                                or self.queue_timeout) else None
+            if special is not None:
+                status, body, ctype, extra = special
+                simple_response(send, rid, status, body, ctype, extra)
+            else:
+                environ = self.environ.build(params, conn.body.stream())  # type: ignore
+                run_app(self.app, environ, send, rid, self.errors, self._log_exception)
+        except ClientGone as exc:
+            log.info("%s %s: %s (client abort?)", method, uri[:200], exc)
+            slot.idle()
+            self._request_done(conn)
+            self._close(conn)
+            self._after_request()
+            return False
+        finally:
+            self.errors.reset()
+        slot.idle()
+        self._request_done(conn)
+        conn.last_used = time.monotonic()
+        conn.deadline = conn.last_used + IDLE_CONN_TIMEOUT
+        self._after_request()
+        if not keep:
+            self._close(conn)
+            return False
+        return True
+
+    def _special(self, params: Dict[str, str]) -> Optional[tuple]:
+        """Answers the worker gives itself: ping, status page, queue-timeout shedding."""
+        if self.queue_timeout:
+            start = params.get("REQUEST_START") or params.get("HTTP_X_REQUEST_START")
+            if start:
+                try:
+                    begun = float(start.lstrip("t="))
+                    if begun > 1e12:  # milliseconds or microseconds since the epoch
+                        begun /= 1000.0 if begun < 1e15 else 1e6
+                    waited = time.time() - begun
+                except ValueError:
+                    waited = 0.0
+                if waited > self.queue_timeout:
+                    self.slot.count_shed()
+                    return ("503 Service Unavailable",
+                            b"Service Unavailable: the request waited too long in the queue\n",
+                            "text/plain; charset=utf-8", [("Retry-After", "1")])
+        if self.ping_path or self.status_path:
+            path = request_path(params)
+            if path and path == self.ping_path:
+                return ("200 OK", self.ping_body, "text/plain; charset=utf-8",
+                        [("Cache-Control", "no-store")])
+            if path and path == self.status_path and self.status_page is not None:
+                status, body, ctype = self.status_page(params.get("QUERY_STRING", ""))
+                return (status, body, ctype, [("Cache-Control", "no-store")])
+        return None
+
+    def _after_request(self) -> None:
+        self.served += 1
+        if self.max_requests and self.served >= self.max_requests and not self.stopping:
+            log.info("served %d requests (workers.max_requests): recycling", self.served)
+            self.exit_code = EXIT_RECYCLE_REQUESTS
+            self.stopping = True
+        elif self.max_memory and not self.stopping:
+            rss = current_rss()
+            if rss > self.max_memory:
+                log.info("memory %d MiB is over workers.max_memory (%d MiB): recycling",
+                         rss >> 20, self.max_memory >> 20)
+                self.exit_code = EXIT_RECYCLE_MEMORY
+                self.stopping = True
+
+    def _log_exception(self, message: str, tb: str) -> None:
+        log.error("%s\n%s", message, tb.rstrip())
+
+    def _app_error_line(self, line: str) -> None:
+        log.warning("wsgi.errors: %s", line)
+
+    def _shutdown(self) -> None:
+        for conn in list(self.conns.values()):
+            if conn.mid_request():
+                log.warning("closing a connection with an unfinished request at exit")
+            self._close(conn)
+        self.slot.set_state(WorkerState.STOPPING)
+
+
+def _peer_name(peer: Any) -> str:
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}"
+    return "the unix socket"
+
+
+def current_rss() -> int:
+    """This process's resident set size, from /proc (no psutil on the request path)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def format_exception_only() -> str:
+    return "".join(traceback.format_exception_only(*sys.exc_info()[:2])).strip()
