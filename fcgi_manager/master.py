@@ -44,6 +44,7 @@ from . import status as status_mod
 from .appload import load_app, prepare_import
 from .config import Config
 from .errors import AppImportError, FcgiManagerError, ProtocolError
+from .pool import PoolSizer, PoolView
 from .privileges import apply_environment, resolve_user
 from .scoreboard import MAX_SLOTS, Scoreboard, SlotWriter
 from .states import WorkerState, can_change
@@ -85,7 +86,7 @@ class WorkerRecord:
 
     __slots__ = ("slot", "pid", "generation", "started", "out_fd", "notify_fd", "out_buf",
                  "notify_buf", "state", "stop_reason", "kill_at", "ready", "boot_error",
-                 "proc")
+                 "proc", "last_requests", "idle_since")
 
     def __init__(self, slot: int, pid: int, generation: int, out_fd: int, notify_fd: int):
         self.slot = slot
@@ -102,6 +103,8 @@ class WorkerRecord:
         self.ready = False
         self.boot_error = ""
         self.proc: Optional[psutil.Process] = None
+        self.last_requests = 0
+        self.idle_since = self.started
 
     @property
     def id(self) -> int:
@@ -157,6 +160,8 @@ class Master:
         self.last_idle_at = time.monotonic()
         self.base_modules: frozenset = frozenset(sys.modules)
         self.child_close_fds: List[int] = []  # e.g. the start handshake pipe
+        self.sizer = PoolSizer(cfg.workers)
+        self.listener_watched = False
 
     # -- preparing ----------------------------------------------------------------------
 
@@ -289,6 +294,9 @@ class Master:
                     self._drain_wakeup()
                 elif kind == "control":
                     self._accept_control()
+                elif kind == "listener":
+                    self._watch_listener(False)
+                    self._manage_workers()
                 elif kind[0] == "out":
                     self._read_output(kind[1])
                 elif kind[0] == "notify":
@@ -928,9 +936,11 @@ class Master:
             self._backoff()
 
     def _manage_workers(self) -> None:
-        """Bring the current generation to ``target`` workers."""
+        """Bring the current generation to the size its mode wants (see pool.py)."""
         if self.stopping:
             return
+        if self.cfg.workers.mode != "static" and self.reloading_from is None:
+            self._resize_pool()
         current = self._current()
         if len(current) < self.target:
             self._spawn_missing()
@@ -938,11 +948,61 @@ class Master:
             assert self.board is not None
             # Retire idle workers first, newest first.
             extra = len(current) - self.target
+
             def busy(r: WorkerRecord) -> bool:
                 return self.board.read_slot(r.slot)["state"] == WorkerState.BUSY  # type: ignore
             for rec in sorted(current, key=lambda r: (busy(r), -r.started))[:extra]:
                 self._stop_worker(rec, "scaled down", signal.SIGTERM,
                                   self.cfg.workers.graceful_timeout)
+
+    def _resize_pool(self) -> None:
+        assert self.board is not None
+        now = time.monotonic()
+        current = self._current()
+        idle = busy = starting = 0
+        idle_since: Dict[int, float] = {}
+        for rec in current:
+            slot = self.board.read_slot(rec.slot)
+            state = slot["state"]
+            if not rec.ready:
+                starting += 1
+                continue
+            if state == WorkerState.BUSY or slot["requests"] != rec.last_requests:
+                rec.last_requests = slot["requests"]  # type: ignore[assignment]
+                rec.idle_since = now
+            if state == WorkerState.BUSY:
+                busy += 1
+            else:
+                idle += 1
+                idle_since[rec.pid] = rec.idle_since
+        waiting = max(self.queue, 0)
+        if self.cfg.workers.mode == "ondemand" and not waiting and not idle and self.listener:
+            waiting = 1 if _readable(self.listener) else 0
+        view = PoolView(total=len(current), idle=idle, busy=busy, starting=starting, now=now,
+                        idle_since=idle_since, waiting=waiting)
+        decision = self.sizer.decide(view)
+        if decision.reached_max:
+            self.totals["max_children_reached"] += 1
+            log.warning("the pool is at workers.max_workers (%d) and requests are waiting: "
+                        "raise max_workers if memory allows", self.cfg.workers.max_workers)
+        for pid in decision.retire:
+            rec = self.workers.get(pid)
+            if rec is not None:
+                self._stop_worker(rec, "idle (pool shrinking)", signal.SIGTERM,
+                                  self.cfg.workers.graceful_timeout)
+        self.target = len(current) - len(decision.retire) + decision.spawn
+        if self.cfg.workers.mode == "ondemand":
+            self._watch_listener(idle == 0 and len(current) < self.cfg.workers.max_workers)
+
+    def _watch_listener(self, on: bool) -> None:
+        """ondemand: wake the master when a connection waits and no worker is idle."""
+        if on == self.listener_watched or self.listener is None:
+            return
+        if on:
+            self.selector.register(self.listener, selectors.EVENT_READ, "listener")
+        else:
+            self.selector.unregister(self.listener)
+        self.listener_watched = on
 
     # -- the periodic tick -------------------------------------------------------------
 
@@ -1128,6 +1188,15 @@ class Master:
         from .systemd import notify
 
         notify(message)
+
+
+def _readable(sock: socket.socket) -> bool:
+    import select
+
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
 
 
 def _version() -> str:

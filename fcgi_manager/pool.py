@@ -1,0 +1,103 @@
+"""How many workers to run: the sizing rules of the three pool modes (php-fpm's ``pm``).
+
+Pure decisions on a snapshot of the pool, so every rule is a unit test:
+
+``static``    ``count`` workers, always (``scale`` changes the count).
+``dynamic``   keep ``min_spare``..``max_spare`` idle workers, never more than
+              ``max_workers``; connections waiting in the listen queue count as demand
+              too, so a burst is met at the speed it arrives. Under a burst the number forked per tick doubles (1, 2,
+              4, ... 32) while idle workers are still short, as php-fpm does; above
+              ``max_spare`` one idle worker is retired per second, so a pool shrinks
+              gently after a burst instead of thrashing.
+``ondemand``  no worker at rest; the master watches the listening socket and forks when
+              a connection waits and no worker is idle; a worker idle for
+              ``idle_timeout`` seconds is retired.
+
+``max_children_reached`` counts the times the pool wanted more workers than
+``max_workers`` allows (once per episode, not once per tick).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+MAX_SPAWN_RATE = 32
+RETIRE_EVERY = 1.0
+
+
+@dataclass
+class PoolView:
+    """The current generation as the master sees it at one tick."""
+
+    total: int
+    idle: int
+    busy: int
+    starting: int
+    now: float
+    idle_since: Dict[int, float] = field(default_factory=dict)  # pid -> when it became idle
+    waiting: int = 0  # connections in the listen queue (0 if unknown)
+
+
+@dataclass
+class Decision:
+    spawn: int = 0
+    retire: List[int] = field(default_factory=list)
+    reached_max: bool = False
+
+
+class PoolSizer:
+    """Remembers what the rules need between ticks (spawn rate, last retirement)."""
+
+    def __init__(self, workers_cfg) -> None:  # type: ignore[no-untyped-def]
+        self.cfg = workers_cfg
+        self.spawn_rate = 1
+        self.last_retire = 0.0
+        self.at_max = False
+
+    def decide(self, view: PoolView) -> Decision:
+        if self.cfg.mode == "dynamic":
+            return self._dynamic(view)
+        if self.cfg.mode == "ondemand":
+            return self._ondemand(view)
+        return Decision()
+
+    def _grow(self, want: int, view: PoolView, decision: Decision) -> None:
+        room = self.cfg.max_workers - view.total
+        if want <= 0:
+            self.spawn_rate = 1
+            self.at_max = False
+            return
+        if room <= 0:
+            if not self.at_max:
+                decision.reached_max = True
+                self.at_max = True
+            return
+        decision.spawn = min(want, room, self.spawn_rate)
+        self.spawn_rate = min(self.spawn_rate * 2, MAX_SPAWN_RATE)
+        if decision.spawn < want and decision.spawn == room and not self.at_max:
+            decision.reached_max = True
+            self.at_max = True
+
+    def _dynamic(self, view: PoolView) -> Decision:
+        d = Decision()
+        # Short of spare workers, or connections already waiting in the listen queue.
+        want = max(self.cfg.min_spare - view.idle, view.waiting - view.idle) - view.starting
+        self._grow(want, view, d)
+        if view.idle > self.cfg.max_spare and view.now - self.last_retire >= RETIRE_EVERY:
+            oldest_idle = sorted(view.idle_since.items(), key=lambda kv: kv[1])
+            if oldest_idle:
+                d.retire.append(oldest_idle[0][0])
+                self.last_retire = view.now
+        return d
+
+    def _ondemand(self, view: PoolView) -> Decision:
+        d = Decision()
+        want = 0
+        if view.waiting > 0 and view.idle == 0:
+            want = max(1, view.waiting) - view.starting
+        self._grow(want, view, d)
+        for pid, since in view.idle_since.items():
+            if view.now - since >= self.cfg.idle_timeout:
+                d.retire.append(pid)
+        return d
