@@ -5,8 +5,8 @@ Pure decisions on a snapshot of the pool, so every rule is a unit test:
 ``static``    ``count`` workers, always (``scale`` changes the count).
 ``dynamic``   keep ``min_spare``..``max_spare`` idle workers, never more than
               ``max_workers``; connections waiting in the listen queue count as demand
-              too, so a burst is met at the speed it arrives. Under a burst the number forked per tick doubles (1, 2,
-              4, ... 32) while idle workers are still short, as php-fpm does; above
+              too, so a burst is met as fast as it arrives. Under a burst the number
+              forked per tick doubles (1, 2, 4, ... 32) while demand lasts; above
               ``max_spare`` one idle worker is retired per second, so a pool shrinks
               gently after a burst instead of thrashing.
 ``ondemand``  no worker at rest; the master watches the listening socket and forks when
