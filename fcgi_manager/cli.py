@@ -111,6 +111,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "config_after", None):
         args.config = args.config_after
+    resume_config = os.environ.pop("FCGI_MANAGER_RESUME_CONFIG", "")
+    if resume_config and os.environ.get("FCGI_MANAGER_RESUME"):
+        args.config = resume_config  # a reload re-executed us: same file, absolute path
     if not args.command:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

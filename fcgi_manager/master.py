@@ -63,6 +63,7 @@ SAMPLE_EVERY = 2.0
 STACK_GRACE = 1.0  # seconds between the stack-dump signal and SIGKILL for a hung request
 READY_TIMEOUT = 120.0
 RESUME_ENV = "FCGI_MANAGER_RESUME"
+RESUME_CONFIG_ENV = "FCGI_MANAGER_RESUME_CONFIG"
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGHUP,
                    signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
 
@@ -542,6 +543,9 @@ class Master:
                 os.set_inheritable(fd, True)
         env = dict(os.environ)
         env[RESUME_ENV] = str(state_fd)
+        if self.cfg.source:
+            # The command line may name the config relative to a directory we left.
+            env[RESUME_CONFIG_ENV] = self.cfg.source
         argv = list(getattr(sys, "orig_argv", []) or [])
         if not argv:
             argv = [sys.executable, "-m", "fcgi_manager", *sys.argv[1:]]
@@ -868,7 +872,6 @@ class Master:
         elif rec.stop_reason == "timeout":
             log.warning("%s %s after its request ran past workers.timeout (%.0f s)",
                         rec.name(), how, self.cfg.workers.timeout)
-            self.pending_respawns += 1
         elif rec.stop_reason is not None:
             log.info("%s %s (%s)", rec.name(), how, rec.stop_reason)
         else:
@@ -1014,8 +1017,11 @@ class Master:
                 self._fail_reload("the new workers did not become ready in time")
         for rec in list(self.workers.values()):
             if rec.kill_at and now >= rec.kill_at:
-                log.warning("%s did not exit in time (%s): killing it", rec.name(),
-                            rec.stop_reason)
+                if rec.stop_reason == "timeout":
+                    log.warning("%s: killing it now that its stack is logged", rec.name())
+                else:
+                    log.warning("%s did not exit within graceful_timeout (%s): killing it",
+                                rec.name(), rec.stop_reason)
                 try:
                     os.kill(rec.pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -1047,6 +1053,7 @@ class Master:
                           "follows, then it is killed and replaced", rec.name(), what,
                           elapsed, w.timeout)
                 self.totals["timeouts"] += 1
+                self.pending_respawns += 1  # its replacement starts at once
                 rec.stop_reason = "timeout"
                 self._signal(rec, STACK_SIGNAL)
                 rec.kill_at = now + STACK_GRACE

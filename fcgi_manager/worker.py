@@ -433,17 +433,22 @@ class Worker:
                 self._close(oldest)
 
     def _close(self, conn: Conn) -> None:
-        """Close without a reset: shut down our side, read what is left, then close."""
+        """Close without a reset: shut down our side, drain what the peer sent, close.
+
+        A close with unread bytes in the receive queue makes the kernel send RST, which
+        nginx reports as "reset by peer". After a complete request there is nothing
+        unread (the parser consumed the request up to its last STDIN record), so the
+        drain ``recv`` is only paid when the connection ends mid-request. Closing the
+        fd also removes it from the epoll set: no ``unregister`` needed.
+        """
         self.conns.pop(conn.fd, None)
         sock = conn.sock
-        if conn.registered:
-            try:
-                self.epoll.unregister(conn.fd)
-            except (OSError, ValueError):
-                pass
         try:
             sock.shutdown(socket.SHUT_WR)
-            sock.recv(65536, _MSG_DONTWAIT)
+            if conn.mid_request():
+                for _ in range(16):
+                    if not sock.recv(65536, _MSG_DONTWAIT):
+                        break
         except OSError:
             pass
         sock.close()

@@ -163,6 +163,12 @@ class EnvironBuilder:
         environ = self.template.copy()
         environ.update(params)
         environ["wsgi.input"] = body
+        https = params.get("HTTPS")
+        if (https and https.lower() in ("on", "1", "yes")) or params.get(
+            "REQUEST_SCHEME"
+        ) == "https":
+            environ["wsgi.url_scheme"] = "https"
+        default_port = "443" if environ["wsgi.url_scheme"] == "https" else "80"
         if "SERVER_NAME" not in params:
             host = params.get("HTTP_HOST", "localhost")
             if host.startswith("["):
@@ -172,14 +178,9 @@ class EnvironBuilder:
                 name, _, port = host.partition(":")
             environ["SERVER_NAME"] = name or "localhost"
             if "SERVER_PORT" not in params:
-                environ["SERVER_PORT"] = port or "80"
+                environ["SERVER_PORT"] = port or default_port
         elif "SERVER_PORT" not in params:
-            environ["SERVER_PORT"] = "80"
-        https = params.get("HTTPS")
-        if (https and https.lower() in ("on", "1", "yes")) or params.get(
-            "REQUEST_SCHEME"
-        ) == "https":
-            environ["wsgi.url_scheme"] = "https"
+            environ["SERVER_PORT"] = default_port
         if "PATH_INFO" not in params:
             self._guess_path_info(environ, params)
         if self.script_name is not None:
