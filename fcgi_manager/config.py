@@ -63,7 +63,7 @@ class WorkersConfig:
     max_body_in_memory: int = 1024 * 1024
     read_timeout: float = 30.0
     write_timeout: float = 60.0
-    max_idle_connections: int = 64
+    max_idle_connections: int = 1024
 
     @property
     def effective_count(self) -> int:

@@ -427,7 +427,10 @@ class Worker:
                 self._close(conn)
                 return
             conn.registered = True
-            idle = [c for c in self.conns.values() if c.registered and not c.mid_request()]
+            # Only kept connections that finished a request count as idle: a new one
+            # still waiting for its first bytes is never closed under its client.
+            idle = [c for c in self.conns.values()
+                    if c.registered and c.last_used and not c.mid_request()]
             if len(idle) > self.max_idle:
                 oldest = min(idle, key=lambda c: c.last_used)
                 self._close(oldest)
