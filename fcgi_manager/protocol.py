@@ -215,27 +215,31 @@ def decode_pairs(data: bytes, max_pairs: int = 10000) -> Dict[str, str]:
     text = data.decode("latin-1")
     pairs: Dict[str, str] = {}
     pos = 0
-    end = len(text)
-    count = 0
-    while pos < end:
-        name_len = data[pos]
-        if name_len < 0x80 and pos + 1 < end and data[pos + 1] < 0x80:
-            value_len = data[pos + 1]
-            pos += 2
-        else:
-            name_len, pos = _read_length(data, pos, end)
-            value_len, pos = _read_length(data, pos, end)
-        middle = pos + name_len
-        stop = middle + value_len
-        if stop > end:
-            raise ProtocolError(
-                f"name-value pair claims {name_len}+{value_len} bytes, only {end - pos} left"
-            )
-        count += 1
-        if count > max_pairs:
-            raise ProtocolError(f"more than {max_pairs} name-value pairs")
-        pairs[text[pos:middle]] = text[middle:stop]
-        pos = stop
+    end = len(data)
+    try:
+        while pos < end:
+            name_len = data[pos]
+            if name_len < 0x80:
+                value_len = data[pos + 1]  # IndexError: truncated (caught below)
+                if value_len < 0x80:
+                    pos += 2
+                else:
+                    value_len, pos = _read_length(data, pos + 1, end)
+            else:
+                name_len, pos = _read_length(data, pos, end)
+                value_len, pos = _read_length(data, pos, end)
+            middle = pos + name_len
+            stop = middle + value_len
+            if stop > end:
+                raise ProtocolError(
+                    f"name-value pair claims {name_len}+{value_len} bytes, only {end - pos} left"
+                )
+            pairs[text[pos:middle]] = text[middle:stop]
+            pos = stop
+    except IndexError:
+        raise ProtocolError("name-value pair truncated in its length") from None
+    if len(pairs) > max_pairs:
+        raise ProtocolError(f"more than {max_pairs} name-value pairs")
     return pairs
 
 
@@ -347,6 +351,7 @@ class ServerConnection:
         "request_id",
         "keep_conn",
         "_params",
+        "_params_size",
         "_params_done",
         "_stdin_done",
         "max_params",
@@ -357,7 +362,8 @@ class ServerConnection:
         self._buf = bytearray()
         self.request_id = 0
         self.keep_conn = False
-        self._params = bytearray()
+        self._params: List[bytes] = []
+        self._params_size = 0
         self._params_done = False
         self._stdin_done = False
         self.max_params = max_params
@@ -371,7 +377,8 @@ class ServerConnection:
     def request_done(self) -> None:
         """The active request was answered: accept a new BEGIN_REQUEST."""
         self.request_id = 0
-        self._params = bytearray()
+        self._params = []
+        self._params_size = 0
         self._params_done = False
         self._stdin_done = False
 
@@ -392,7 +399,31 @@ class ServerConnection:
             stop = pos + HEADER_LEN + clen
             if stop + plen > end:
                 break
-            self._record(rtype, rid, data[pos + HEADER_LEN : stop], events)
+            # Fast paths for the records every request carries; the rest in _record.
+            if rtype == STDIN and rid == self.request_id and self._params_done and rid:
+                if self._stdin_done:
+                    if clen:
+                        raise ProtocolError("STDIN record after the STDIN stream ended")
+                elif clen:
+                    events.append(Stdin(rid, data[pos + HEADER_LEN : stop]))
+                else:
+                    self._stdin_done = True
+                    events.append(StdinEnd(rid))
+            elif rtype == PARAMS and rid == self.request_id and not self._params_done and rid:
+                if clen:
+                    self._params_size += clen
+                    if self._params_size > self.max_params:
+                        raise ProtocolError(f"PARAMS larger than {self.max_params} bytes")
+                    self._params.append(data[pos + HEADER_LEN : stop])
+                else:
+                    self._params_done = True
+                    parts = self._params
+                    blob = parts[0] if len(parts) == 1 else b"".join(parts)
+                    self._params = []
+                    self._params_size = 0
+                    events.append(Params(rid, decode_pairs(blob)))
+            else:
+                self._record(rtype, rid, data[pos + HEADER_LEN : stop], events)
             pos = stop + plen
         if pos < end:
             if end - pos > self.max_buffer:
@@ -432,30 +463,13 @@ class ServerConnection:
         if rid != self.request_id:
             # FastCGI: records for a request that is not active are ignored.
             return
+        # PARAMS and STDIN in their proper order are handled in feed(); what reaches
+        # this point broke that order.
         if rtype == PARAMS:
-            if self._params_done:
-                raise ProtocolError("PARAMS record after the PARAMS stream ended")
-            if content:
-                if len(self._params) + len(content) > self.max_params:
-                    raise ProtocolError(f"PARAMS larger than {self.max_params} bytes")
-                self._params += content
-            else:
-                self._params_done = True
-                events.append(Params(rid, decode_pairs(bytes(self._params))))
-                self._params = bytearray()
-        elif rtype == STDIN:
-            if not self._params_done:
-                raise ProtocolError("STDIN record before the PARAMS stream ended")
-            if self._stdin_done:
-                if content:
-                    raise ProtocolError("STDIN record after the STDIN stream ended")
-                return
-            if content:
-                events.append(Stdin(rid, content))
-            else:
-                self._stdin_done = True
-                events.append(StdinEnd(rid))
-        elif rtype == ABORT_REQUEST:
+            raise ProtocolError("PARAMS record after the PARAMS stream ended")
+        if rtype == STDIN:
+            raise ProtocolError("STDIN record before the PARAMS stream ended")
+        if rtype == ABORT_REQUEST:
             events.append(AbortRequest(rid))
         # DATA belongs to the FILTER role, which we reject at BEGIN_REQUEST: ignore it.
 

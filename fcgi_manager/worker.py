@@ -62,7 +62,7 @@ EXIT_RECYCLE_MEMORY = 11  # RSS passed max_memory
 STACK_SIGNAL = signal.SIGUSR2
 RECV_SIZE = 256 * 1024
 IDLE_CONN_TIMEOUT = 300.0
-_MSG_DONTWAIT = socket.MSG_DONTWAIT
+FIRST_READ_WAIT = 0.01  # seconds the read right after accept may wait for the request
 _EPOLLIN = select.EPOLLIN
 _EPOLL_ERRS = select.EPOLLHUP | select.EPOLLERR
 
@@ -70,14 +70,19 @@ log = logging.getLogger("fcgi_manager.worker")
 
 
 class Conn:
-    """One connection from the web server, and the request being received on it."""
+    """One connection from the web server, and the request being received on it.
 
-    __slots__ = ("sock", "fd", "parser", "params", "body", "request_id", "deadline",
-                 "registered", "last_used", "send", "aborted", "peer")
+    It is a raw file descriptor, not a ``socket.socket``: building a socket object costs a
+    hidden ``getsockname`` per connection, and ``os.read``/``os.write`` on the fd are all
+    the request path needs. Timeouts come from the kernel: accepted sockets inherit
+    ``SO_RCVTIMEO``/``SO_SNDTIMEO`` from the listener (see :meth:`Worker._set_timeouts`).
+    """
 
-    def __init__(self, sock: socket.socket, peer: Any, max_params: int) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
+    __slots__ = ("fd", "parser", "params", "body", "request_id", "deadline",
+                 "registered", "last_used", "peer")
+
+    def __init__(self, fd: int, peer: Any, max_params: int) -> None:
+        self.fd = fd
         self.parser = protocol.ServerConnection(max_params=max_params)
         self.params: Optional[Dict[str, str]] = None
         self.body: Optional[BodyBuffer] = None
@@ -85,19 +90,24 @@ class Conn:
         self.deadline = 0.0
         self.registered = False
         self.last_used = 0.0
-        self.aborted = False
         self.peer = peer
-        sendall = sock.sendall
 
-        def send(data: bytes) -> None:
-            try:
-                sendall(data)
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                raise ClientGone("the web server closed the connection") from exc
-            except (BlockingIOError, socket.timeout) as exc:
-                raise ClientGone("write timeout: the web server stopped reading") from exc
-
-        self.send = send
+    def send(self, data: bytes) -> None:
+        """Write all of ``data`` (blocking, bounded by SO_SNDTIMEO)."""
+        fd = self.fd
+        try:
+            sent = os.write(fd, data)
+            total = len(data)
+            if sent < total:
+                view = memoryview(data)
+                while sent < total:
+                    sent += os.write(fd, view[sent:])
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise ClientGone("the web server closed the connection") from exc
+        except BlockingIOError as exc:
+            raise ClientGone("write timeout: the web server stopped reading") from exc
+        except OSError as exc:
+            raise ClientGone(f"write failed: {exc.strerror}") from exc
 
     def mid_request(self) -> bool:
         return self.request_id != 0 or self.parser.buffered > 0
@@ -182,21 +192,30 @@ class Worker:
         except OSError:
             pass
 
-    def _set_send_timeout(self) -> None:
-        """Accepted sockets inherit SO_SNDTIMEO from the listener on Linux; setting it once
-        here bounds every response write without a poll() per send."""
-        secs = self.cfg.workers.write_timeout
-        tv = struct.pack("ll", int(secs), int((secs % 1) * 1e6))
-        try:
-            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-        except OSError:
-            pass
+    def _set_timeouts(self) -> None:
+        """Timeouts set once on the listener, inherited by every accepted socket (Linux).
+
+        ``SO_SNDTIMEO`` = ``write_timeout`` bounds each response write (a client that
+        stops reading). ``SO_RCVTIMEO`` = ``FIRST_READ_WAIT`` bounds the one read that is
+        not preceded by epoll readiness: the first one, right after ``accept``. nginx
+        writes its request as soon as it connects, so that read almost always finds it;
+        when it does not, the connection is parked in epoll instead of holding the worker.
+        """
+        def timeval(secs: float) -> bytes:
+            return struct.pack("ll", int(secs), int((secs % 1) * 1e6))
+
+        for option, secs in ((socket.SO_SNDTIMEO, self.cfg.workers.write_timeout),
+                             (socket.SO_RCVTIMEO, FIRST_READ_WAIT)):
+            try:
+                self.listener.setsockopt(socket.SOL_SOCKET, option, timeval(secs))
+            except OSError:
+                pass
 
     # -- main loop ------------------------------------------------------------------------
 
     def run(self) -> int:
         self._install_signals()
-        self._set_send_timeout()
+        self._set_timeouts()
         self.listener.setblocking(False)
         ep = self.epoll = select.epoll()
         ep.register(self.listen_fd, _EPOLLIN | getattr(select, "EPOLLEXCLUSIVE", 0))
@@ -260,9 +279,15 @@ class Worker:
         except (OSError, ValueError):
             pass
         # Idle kept connections: serve what already arrived, then close them cleanly.
-        for conn in list(self.conns.values()):
-            if not conn.mid_request():
-                self._readable(conn, closing=True)
+        idle = [c for c in self.conns.values() if not c.mid_request()]
+        if idle:
+            poller = select.poll()
+            for conn in idle:
+                poller.register(conn.fd, select.POLLIN)
+            ready = {fd for fd, _ in poller.poll(0)}
+            for conn in idle:
+                if conn.fd in ready and self.conns.get(conn.fd) is conn:
+                    self._readable(conn, closing=True)
         for conn in list(self.conns.values()):
             if not conn.mid_request():
                 self._close(conn)
@@ -270,11 +295,12 @@ class Worker:
     def _accept(self) -> None:
         # A bounded batch: serve what is queued, but come back to poll so that kept
         # connections with requests waiting are not starved by a stream of new ones.
+        accept = self.listener._accept  # (fd, address): no socket object per connection
         for _ in range(16):
             if self.stopping:
                 return
             try:
-                sock, peer = self.listener.accept()
+                fd, peer = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -283,9 +309,9 @@ class Worker:
             if self.filter is not None and not self.filter.allows(peer):
                 log.warning("refused a connection from %s: not in listen.allowed_clients",
                             peer[0] if isinstance(peer, tuple) else peer)
-                sock.close()
+                os.close(fd)
                 continue
-            conn = Conn(sock, peer, protocol.DEFAULT_MAX_PARAMS)
+            conn = Conn(fd, peer, protocol.DEFAULT_MAX_PARAMS)
             conn.deadline = time.monotonic() + self.read_timeout
             self.conns[conn.fd] = conn
             self._readable(conn)
@@ -326,8 +352,9 @@ class Worker:
     # -- reading --------------------------------------------------------------------------
 
     def _readable(self, conn: Conn, closing: bool = False) -> None:
+        """Read what ``conn`` has (epoll said so, or it was just accepted) and act on it."""
         try:
-            data = conn.sock.recv(RECV_SIZE, _MSG_DONTWAIT)
+            data = os.read(conn.fd, RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             if not closing:
                 self._park(conn)
@@ -436,25 +463,33 @@ class Worker:
                 self._close(oldest)
 
     def _close(self, conn: Conn) -> None:
-        """Close without a reset: shut down our side, drain what the peer sent, close.
+        """Close without a reset.
 
         A close with unread bytes in the receive queue makes the kernel send RST, which
-        nginx reports as "reset by peer". After a complete request there is nothing
-        unread (the parser consumed the request up to its last STDIN record), so the
-        drain ``recv`` is only paid when the connection ends mid-request. Closing the
-        fd also removes it from the epoll set: no ``unregister`` needed.
+        nginx reports as "reset by peer". After a complete request nothing is unread (the
+        parser consumed the request up to its last STDIN record), so a plain ``close``
+        sends the same FIN as ``shutdown`` would, for one syscall. A connection that ends
+        mid-request gets ``shutdown(SHUT_WR)``, then what the peer sent is drained (each
+        read bounded by SO_RCVTIMEO), then ``close``. Closing the fd also removes it from
+        the epoll set: no ``unregister`` needed.
         """
         self.conns.pop(conn.fd, None)
-        sock = conn.sock
-        try:
-            sock.shutdown(socket.SHUT_WR)
-            if conn.mid_request():
+        fd = conn.fd
+        if conn.mid_request():
+            sock = socket.socket(fileno=fd)
+            try:
+                sock.shutdown(socket.SHUT_WR)
                 for _ in range(16):
-                    if not sock.recv(65536, _MSG_DONTWAIT):
+                    if not sock.recv(65536):
                         break
+            except OSError:
+                pass
+            sock.close()
+            return
+        try:
+            os.close(fd)
         except OSError:
             pass
-        sock.close()
 
     # -- one request ----------------------------------------------------------------------
 
