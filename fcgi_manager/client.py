@@ -7,7 +7,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from . import protocol
 from .errors import ProtocolError
@@ -31,14 +31,15 @@ def build_params(path: str, method: str = "GET", headers: Optional[Dict[str, str
                  body_len: int = 0, server: Tuple[str, int] = ("localhost", 80),
                  script_name: str = "") -> Dict[str, str]:
     parts = urlsplit(path if path.startswith("/") else "/" + path)
+    decoded = unquote(parts.path, encoding="latin-1")  # CGI paths are decoded, as bytes
     params = {
         "GATEWAY_INTERFACE": "CGI/1.1",
         "SERVER_SOFTWARE": "fcgi-manager-client",
         "REQUEST_METHOD": method.upper(),
         "REQUEST_URI": path if path.startswith("/") else "/" + path,
-        "DOCUMENT_URI": parts.path,
+        "DOCUMENT_URI": decoded,
         "SCRIPT_NAME": script_name,
-        "PATH_INFO": parts.path[len(script_name):] if script_name else parts.path,
+        "PATH_INFO": decoded[len(script_name):] if script_name else decoded,
         "QUERY_STRING": parts.query,
         "SERVER_NAME": server[0],
         "SERVER_PORT": str(server[1]),

@@ -23,7 +23,7 @@ import socket
 import struct
 from typing import Any, Dict, Optional, Tuple
 
-from .errors import ControlError, ProtocolError
+from .errors import ControlError, FcgiManagerError, ProtocolError
 
 MAX_MESSAGE = 64 * 1024
 LENGTH = struct.Struct("!I")
@@ -43,6 +43,8 @@ def decode_request(data: bytes) -> Tuple[Any, str, Dict[str, Any]]:
         obj = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"control request is not JSON: {exc}") from None
+    except RecursionError:  # "[[[[..." fits in MAX_MESSAGE and would kill the master
+        raise ProtocolError("control request is nested too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError("control request must be a JSON object")
     command = obj.get("command")
@@ -102,6 +104,15 @@ def bind_control(path: str) -> socket.socket:
     old = os.umask(0o177)
     try:
         sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        too_long = len(os.fsencode(path)) > 107
+        raise FcgiManagerError(
+            f"cannot create the control socket {path}: "
+            f"{'the path is too long for a unix socket' if too_long else exc.strerror or exc}",
+            "set manager.control (or manager.pidfile) to a path of at most 107 bytes"
+            if too_long else "check that its directory exists and is writable",
+        ) from None
     finally:
         os.umask(old)
     os.chmod(path, 0o600)

@@ -149,6 +149,7 @@ class Worker:
         self.status_path = config.status.path
         self.ping_path = config.status.ping_path
         self.ping_body = (config.status.ping_response + "\n").encode()
+        self.has_special = bool(self.status_path or self.ping_path or self.queue_timeout)
         self.status_page = status_page
         self.filter = ClientFilter.from_config(config.listen.allowed_clients)
         self.errors = ErrorStream(self._app_error_line)
@@ -507,8 +508,7 @@ class Worker:
         send = conn.send
         keep = conn.parser.keep_conn
         try:
-            special = self._special(params) if (self.status_path or self.ping_path
-                                                or self.queue_timeout) else None
+            special = self._special(params) if self.has_special else None
             if special is not None:
                 status, body, ctype, extra = special
                 simple_response(send, rid, status, body, ctype, extra)
@@ -517,18 +517,22 @@ class Worker:
                 run_app(self.app, environ, send, rid, self.errors, self._log_exception)
         except ClientGone as exc:
             log.info("%s %s: %s (client abort?)", method, uri[:200], exc)
+            self.errors.reset()
             slot.idle()
             self._request_done(conn)
             self._close(conn)
-            self._after_request()
+            self.served += 1
+            self._check_recycle()
             return False
-        finally:
-            self.errors.reset()
         slot.idle()
-        self._request_done(conn)
-        conn.last_used = time.monotonic()
-        conn.deadline = conn.last_used + IDLE_CONN_TIMEOUT
-        self._after_request()
+        conn.parser.request_done()
+        conn.request_id = 0
+        conn.params = conn.body = None
+        conn.last_used = now = time.monotonic()
+        conn.deadline = now + IDLE_CONN_TIMEOUT
+        self.served += 1
+        if self.max_requests or self.max_memory:
+            self._check_recycle()
         if not keep:
             self._close(conn)
             return False
@@ -561,8 +565,8 @@ class Worker:
                 return (status, body, ctype, [("Cache-Control", "no-store")])
         return None
 
-    def _after_request(self) -> None:
-        self.served += 1
+    def _check_recycle(self) -> None:
+        """Between requests: recycle after max_requests, or past max_memory."""
         if self.max_requests and self.served >= self.max_requests and not self.stopping:
             log.info("served %d requests (workers.max_requests): recycling", self.served)
             self.exit_code = EXIT_RECYCLE_REQUESTS

@@ -85,8 +85,9 @@ class ErrorStream:
 
     def reset(self) -> None:
         self._partial = ""
-        self._stderr = []
-        self._stderr_left = self.STDERR_CAP
+        if self._stderr_left != self.STDERR_CAP:
+            self._stderr = []
+            self._stderr_left = self.STDERR_CAP
 
     def write(self, text: str) -> int:
         if not isinstance(text, str):
@@ -119,6 +120,7 @@ class ErrorStream:
         self.flush()
         data = b"".join(self._stderr)
         self._stderr = []
+        self._stderr_left = self.STDERR_CAP
         return data
 
 
