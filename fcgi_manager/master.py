@@ -995,7 +995,12 @@ class Master:
                                   self.cfg.workers.graceful_timeout)
         self.target = len(current) - len(decision.retire) + decision.spawn
         if self.cfg.workers.mode == "ondemand":
-            self._watch_listener(idle == 0 and len(current) < self.cfg.workers.max_workers)
+            # Only when no worker can take a new connection: none idle (counting the
+            # ones retired now), none starting or about to (watching then would wake the
+            # loop without pause until the starting worker accepts).
+            self._watch_listener(idle <= len(decision.retire) and not starting
+                                 and not decision.spawn and self.target
+                                 < self.cfg.workers.max_workers)
 
     def _watch_listener(self, on: bool) -> None:
         """ondemand: wake the master when a connection waits and no worker is idle."""

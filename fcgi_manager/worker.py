@@ -49,6 +49,7 @@ from .wsgi import (
     ClientGone,
     EnvironBuilder,
     ErrorStream,
+    RequestAborted,
     request_path,
     run_app,
     simple_response,
@@ -79,7 +80,7 @@ class Conn:
     """
 
     __slots__ = ("fd", "parser", "params", "body", "request_id", "deadline",
-                 "registered", "last_used", "peer")
+                 "registered", "last_used", "peer", "pending", "_poller")
 
     def __init__(self, fd: int, peer: Any, max_params: int) -> None:
         self.fd = fd
@@ -91,6 +92,40 @@ class Conn:
         self.registered = False
         self.last_used = 0.0
         self.peer = peer
+        self.pending: List[Any] = []  # events that arrived while the app ran
+        self._poller: Any = None
+
+    def check_abort(self) -> bool:
+        """While a response streams: did the web server abort the request or hang up?
+
+        One ``poll`` with a zero timeout per 64 KiB flushed; bytes that are not an abort
+        (a management record, say) are parsed and kept for after the request.
+        """
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self.fd, select.POLLIN)
+        if not self._poller.poll(0):
+            return False
+        try:
+            data = os.read(self.fd, RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+        if not data:
+            return True
+        try:
+            events = self.parser.feed(data)
+        except ProtocolError:
+            return True
+        aborted = False
+        for ev in events:
+            if not aborted and type(ev) is protocol.AbortRequest and \
+                    ev.request_id == self.request_id:
+                aborted = True
+            else:
+                self.pending.append(ev)
+        return aborted
 
     def send(self, data: bytes) -> None:
         """Write all of ``data`` (blocking, bounded by SO_SNDTIMEO)."""
@@ -514,7 +549,19 @@ class Worker:
                 simple_response(send, rid, status, body, ctype, extra)
             else:
                 environ = self.environ.build(params, conn.body.stream())  # type: ignore
-                run_app(self.app, environ, send, rid, self.errors, self._log_exception)
+                run_app(self.app, environ, send, rid, self.errors, self._log_exception,
+                        conn.check_abort)
+        except RequestAborted as exc:
+            # Stop the output and end the request; the connection stays usable.
+            log.info("%s %s: %s", method, uri[:200], exc)
+            self.errors.reset()
+            try:
+                send(protocol.end_of_request(rid, 0))
+            except ClientGone:
+                slot.idle()
+                self._request_done(conn)
+                self._close(conn)
+                return False
         except ClientGone as exc:
             log.info("%s %s: %s (client abort?)", method, uri[:200], exc)
             self.errors.reset()
@@ -533,10 +580,20 @@ class Worker:
         self.served += 1
         if self.max_requests or self.max_memory:
             self._check_recycle()
+        if conn.pending:
+            if not keep:
+                self._close(conn)
+                return False
+            return self._handle_events(conn, self._take_pending(conn))
         if not keep:
             self._close(conn)
             return False
         return True
+
+    @staticmethod
+    def _take_pending(conn: Conn) -> List[Any]:
+        events, conn.pending = conn.pending, []
+        return events
 
     def _special(self, params: Dict[str, str]) -> Optional[tuple]:
         """Answers the worker gives itself: ping, status page, queue-timeout shedding."""

@@ -45,6 +45,11 @@ class ClientGone(Exception):
     """The web server closed the connection while we were answering (client abort)."""
 
 
+class RequestAborted(ClientGone):
+    """The web server sent FCGI_ABORT_REQUEST: stop the output, end the request, keep the
+    connection."""
+
+
 class FileWrapper:
     """``wsgi.file_wrapper``: iterate a file in blocks, close it when done."""
 
@@ -226,9 +231,10 @@ class Response:
     """``start_response`` and ``write`` for one request, and the records they produce."""
 
     __slots__ = ("status", "headers", "headers_sent", "pending", "pending_len", "send",
-                 "request_id", "header_prefix")
+                 "request_id", "check_abort")
 
-    def __init__(self, send: Callable[[bytes], None], request_id: int) -> None:
+    def __init__(self, send: Callable[[bytes], None], request_id: int,
+                 check_abort: Optional[Callable[[], bool]] = None) -> None:
         self.status: Optional[str] = None
         self.headers: List[Tuple[str, str]] = []
         self.headers_sent = False
@@ -236,7 +242,7 @@ class Response:
         self.pending_len = 0
         self.send = send
         self.request_id = request_id
-        self.header_prefix = _HEADER.pack(_VERSION, _STDOUT, request_id, 0, 0)[:4]
+        self.check_abort = check_abort
 
     def start_response(self, status: str, headers: List[Tuple[str, str]], exc_info: Any = None):
         if exc_info is not None:
@@ -299,6 +305,13 @@ class Response:
             self.flush()
 
     def flush(self) -> None:
+        """Send what is pending (a streamed or large response, 64 KiB at a time).
+
+        Before each flush -- never on the one-send path of small responses -- the web
+        server's side is checked for FCGI_ABORT_REQUEST, so an aborted download stops.
+        """
+        if self.check_abort is not None and self.check_abort():
+            raise RequestAborted("the web server aborted the request (FCGI_ABORT_REQUEST)")
         if self.pending:
             out = b"".join(self.pending)
             self.pending = []
@@ -349,6 +362,7 @@ def run_app(
     request_id: int,
     errors: ErrorStream,
     log_exception: Callable[[str, str], None],
+    check_abort: Optional[Callable[[], bool]] = None,
 ) -> int:
     """Call the app for one request and send its response; return the HTTP status code.
 
@@ -356,7 +370,7 @@ def run_app(
     they end the response early; both are logged with the traceback. ``close()`` on the
     app's iterable is always called. :class:`ClientGone` escapes (the caller logs it once).
     """
-    resp = Response(send, request_id)
+    resp = Response(send, request_id, check_abort)
     result = None
     try:
         result = app(environ, resp.start_response)
