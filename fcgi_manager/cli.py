@@ -99,9 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     rq.add_argument("--bind", "-b", default=None, help="address to send to (default: config)")
     rq.add_argument("--include", "-i", action="store_true", help="print status and headers")
     rq.add_argument("--timeout", type=float, default=30.0)
-    # `status`, `stop` etc. also accept -c after the command.
-    for sp in (start, stop, st, sc, rq):
-        sp.add_argument("-c", "--config", dest="config_after", default=None,
+    # Every command also accepts -c after its name, and --version.
+    for sp in sub.choices.values():
+        if sp is not run:
+            sp.add_argument("-c", "--config", dest="config_after", default=None,
+                            help=argparse.SUPPRESS)
+        sp.add_argument("--version", action="version", version=f"fcgi-manager {__version__}",
                         help=argparse.SUPPRESS)
     return p
 
@@ -125,6 +128,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return LSB_UNKNOWN if args.command == "status" else 1
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"Error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return LSB_UNKNOWN if args.command == "status" else 1
 
 
 def _load(args: argparse.Namespace) -> config_mod.Config:

@@ -266,7 +266,8 @@ class Master:
 
     def run(self, ready_callback: Optional[Callable[[bool, str], None]] = None) -> int:
         """The loop; returns the exit status once every worker is gone."""
-        self.ready_callback = ready_callback
+        # A re-executed master is already "started": its readiness is the reload's.
+        self.ready_callback = None if self.resumed else ready_callback
         self._install_signals()
         sel = self.selector
         sel.register(self.wakeup_r, selectors.EVENT_READ, "wakeup")

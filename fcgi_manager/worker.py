@@ -240,12 +240,27 @@ class Worker:
         def timeval(secs: float) -> bytes:
             return struct.pack("ll", int(secs), int((secs % 1) * 1e6))
 
-        for option, secs in ((socket.SO_SNDTIMEO, self.cfg.workers.write_timeout),
-                             (socket.SO_RCVTIMEO, FIRST_READ_WAIT)):
+        timeouts = [(socket.SO_SNDTIMEO, timeval(self.cfg.workers.write_timeout)),
+                    (socket.SO_RCVTIMEO, timeval(FIRST_READ_WAIT))]
+        for option, value in timeouts:
             try:
-                self.listener.setsockopt(socket.SOL_SOCKET, option, timeval(secs))
+                self.listener.setsockopt(socket.SOL_SOCKET, option, value)
             except OSError:
                 pass
+        # AF_UNIX sockets do not inherit them from the listener (only TCP does): without
+        # setting them per connection, a silent client would block the first read forever
+        # and a client that stops reading would block the response forever.
+        self._conn_timeouts = timeouts if self.listener.family == socket.AF_UNIX else []
+
+    def _apply_timeouts(self, fd: int) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
+        try:
+            for option, value in self._conn_timeouts:
+                sock.setsockopt(socket.SOL_SOCKET, option, value)
+        except OSError:
+            pass
+        finally:
+            sock.detach()
 
     # -- main loop ------------------------------------------------------------------------
 
@@ -347,6 +362,8 @@ class Worker:
                             peer[0] if isinstance(peer, tuple) else peer)
                 os.close(fd)
                 continue
+            if self._conn_timeouts:
+                self._apply_timeouts(fd)
             conn = Conn(fd, peer, protocol.DEFAULT_MAX_PARAMS)
             conn.deadline = time.monotonic() + self.read_timeout
             self.conns[conn.fd] = conn
