@@ -402,7 +402,10 @@ def cmd_reopen_logs(args: argparse.Namespace) -> int:
     cfg = _load(args)
     try:
         control.call(cfg.manager.control, "reopen-logs")
-    except ControlError:
+    except ControlError as exc:
+        if "not running" not in exc.message and "cannot connect" not in exc.message:
+            print(f"Error: {exc.message}", file=sys.stderr)
+            return 1
         pid = _master_pid(cfg)
         if pid is None:
             print("Error: fcgi-manager is not running", file=sys.stderr)

@@ -317,7 +317,13 @@ def _default_name(cfg: Config) -> str:
         return f"fcgi-manager-fd-{os.getpid()}"
     if cfg.source:
         return os.path.splitext(os.path.basename(cfg.source))[0] + ".fcgi-manager"
-    return "fcgi-manager-" + re.sub(r"[^\w.-]+", "_", cfg.listen.bind).strip("_")
+    # `run` without a file: named after the address, short enough for a unix socket path.
+    readable = re.sub(r"[^\w.-]+", "_", cfg.listen.bind).strip("_")
+    if len(readable) > 40:
+        import hashlib
+
+        readable = readable[-24:] + "-" + hashlib.sha1(cfg.listen.bind.encode()).hexdigest()[:8]
+    return "fcgi-manager-" + readable
 
 
 def _runtime_dir() -> str:

@@ -45,24 +45,28 @@ class ReopenableHandler(logging.Handler):
         self._failed = False
         self.reopen()
 
-    def reopen(self) -> None:
+    def reopen(self) -> Optional[str]:
+        """Open the log file again; on failure the old stream stays and the reason is
+        returned (so ``reopen-logs`` can fail instead of claiming success)."""
         if self.path in ("", "-"):
             self.stream = sys.stderr
-            return
+            return None
         old = self.stream
         try:
             self.stream = open(self.path, "a", encoding="utf-8", errors="replace", buffering=1)
             self._failed = False
         except OSError as exc:
-            self._report(f"cannot open log file {self.path}: {exc.strerror}")
+            error = f"cannot open log file {self.path}: {exc.strerror}"
+            self._report(error)
             if old is None:
                 self.stream = None
-            return
+            return error
         if old is not None and old is not sys.stderr:
             try:
                 old.close()
             except OSError:
                 pass
+        return None
 
     def _report(self, text: str) -> None:
         if self._failed:

@@ -145,6 +145,7 @@ class Master:
         self.stopping: Optional[str] = None  # None, "graceful", "now"
         self.stop_deadline = 0.0
         self.failures = 0
+        self.last_failure_at = 0.0  # monotonic time of the last quick failure
         self.next_spawn_at = 0.0
         self.pending_respawns = 0
         self.ready_callback: Optional[Callable[[bool, str], None]] = None
@@ -370,7 +371,9 @@ class Master:
             self.stop(bool(args.get("now")))
             return {"stopping": True, "pid": os.getpid()}
         if name == "reopen-logs":
-            self.log_handler.reopen()
+            error = self.log_handler.reopen()
+            if error:
+                raise FcgiManagerError(f"{error} (logging goes on to the old file, if any)")
             log.info("reopened the log file %s", self.cfg.manager.log)
             return {"reopened": self.cfg.manager.log}
         if name == "scale":
@@ -878,8 +881,9 @@ class Master:
         else:
             self.totals["crashes"] += 1
             self.pending_respawns += 1
-            if lived < 5.0:
+            if lived < 5.0 and not slot["requests"]:  # one that served is no crash loop
                 self.failures += 1
+                self.last_failure_at = time.monotonic()
             log.error("%s %s unexpectedly after %.1f s; replacing it%s", rec.name(), how,
                       lived, " (check the app: it may crash the interpreter)"
                       if os.WIFSIGNALED(status) else "")
@@ -898,6 +902,7 @@ class Master:
             self._fail_reload(text)
             return
         self.failures += 1
+        self.last_failure_at = time.monotonic()
         self.pending_respawns += 1
         log.error("%s could not import the app; retrying with backoff:\n%s", rec.name(), text)
         self._backoff()
@@ -908,6 +913,21 @@ class Master:
             self.next_spawn_at = time.monotonic() + delay
             log.warning("workers are failing quickly (%d in a row): waiting %.1f s before "
                         "the next start", self.failures, delay)
+
+    def _check_recovered(self, now: float) -> None:
+        """End the backoff once a worker started after the last quick failure is healthy:
+        it served a request, or stayed up 5 s. Otherwise "failures in a row" would never
+        reset: after a burst of deaths (workers killed under load) the pool would refill
+        one worker at a time, up to 30 s apart, and stay that way for good."""
+        assert self.board is not None
+        for rec in self._current():
+            if rec.ready and rec.started > self.last_failure_at and (
+                    now - rec.started >= 5.0 or self.board.read_slot(rec.slot)["requests"]):
+                log.info("%s is healthy: no more backoff (%d quick failure(s) before it)",
+                         rec.name(), self.failures)
+                self.failures = 0
+                self.next_spawn_at = 0.0
+                return
 
     def _startup_failed(self, text: str) -> None:
         cb, self.ready_callback = self.ready_callback, None
@@ -1017,6 +1037,8 @@ class Master:
 
     def _tick(self, now: float) -> None:
         if not self.stopping:
+            if self.failures:
+                self._check_recovered(now)
             self._check_timeouts(now)
             self._manage_workers()
             if self.reloading_from is not None and now > self.reload_deadline:

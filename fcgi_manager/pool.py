@@ -84,7 +84,9 @@ class PoolSizer:
         # Short of spare workers, or connections already waiting in the listen queue.
         want = max(self.cfg.min_spare - view.idle, view.waiting - view.idle) - view.starting
         self._grow(want, view, d)
-        if view.idle > self.cfg.max_spare and view.now - self.last_retire >= RETIRE_EVERY:
+        # Never retire while more connections wait than workers are idle (growing).
+        if (view.idle > self.cfg.max_spare and view.waiting <= view.idle
+                and view.now - self.last_retire >= RETIRE_EVERY):
             oldest_idle = sorted(view.idle_since.items(), key=lambda kv: kv[1])
             if oldest_idle:
                 d.retire.append(oldest_idle[0][0])

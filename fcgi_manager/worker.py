@@ -435,7 +435,10 @@ class Worker:
             kind = type(ev)
             if kind is protocol.Stdin:
                 body = conn.body
-                body.append(ev.data)
+                try:
+                    body.append(ev.data)
+                except OSError as exc:  # the spool file: disk full, file too large
+                    return self._spool_failed(conn, exc)
                 if self.max_body_size and body.size > self.max_body_size:
                     log.warning("closed a connection: request body over %d bytes",
                                 self.max_body_size)
@@ -447,7 +450,10 @@ class Worker:
                     expected = int(ev.params.get("CONTENT_LENGTH") or 0)
                 except ValueError:
                     expected = 0
-                conn.body = BodyBuffer(self.max_body_in_memory, expected)
+                try:
+                    conn.body = BodyBuffer(self.max_body_in_memory, expected)
+                except OSError as exc:  # no temporary file: out of descriptors, no space
+                    return self._spool_failed(conn, exc)
             elif kind is protocol.StdinEnd:
                 aborted = any(type(e) is protocol.AbortRequest and e.request_id == ev.request_id
                               for e in events[i + 1 :])
@@ -473,6 +479,14 @@ class Worker:
                 if not self._send(conn, protocol.encode_unknown_type(ev.record_type)):
                     return False
         return True
+
+    def _spool_failed(self, conn: Conn, exc: OSError) -> bool:
+        """A request body that cannot be spooled costs its connection, not the worker."""
+        log.error("closed a connection: cannot spool the request body to a temporary file: "
+                  "%s", exc.strerror or exc)
+        conn.body = None
+        self._close(conn)
+        return False
 
     def _get_values(self, names: List[str]) -> Dict[str, str]:
         known = {"FCGI_MAX_CONNS": str(self.max_idle), "FCGI_MAX_REQS": "1",

@@ -1,0 +1,48 @@
+"""Fixtures shared by the whole suite (helpers live in ``support.py``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator, List
+
+import pytest
+
+TESTS = str(Path(__file__).resolve().parent)
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+
+from support import Manager, Nginx  # noqa: E402
+
+
+@pytest.fixture
+def make_manager(tmp_path: Path) -> Iterator[Callable[..., Manager]]:
+    """Build :class:`support.Manager` instances; every one is stopped at teardown and
+    anything it started that is still alive is killed by PID."""
+    made: List[Manager] = []
+
+    def make(*args: Any, tmp: Path = tmp_path, **kwargs: Any) -> Manager:
+        manager = Manager(tmp, *args, **kwargs)
+        made.append(manager)
+        return manager
+
+    yield make
+    leaked = []
+    for manager in reversed(made):
+        leaked += manager.cleanup()
+    assert not leaked, f"processes left running after the test (killed now): {leaked}"
+
+
+@pytest.fixture
+def make_nginx(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
+    """Start private nginx instances (see :class:`support.Nginx`); stopped at teardown."""
+    made: List[Nginx] = []
+
+    def make(upstream: str, **kwargs: Any) -> Nginx:
+        nginx = Nginx(tmp_path / f"n{len(made)}", upstream, **kwargs)
+        made.append(nginx)
+        return nginx.start()
+
+    yield make
+    for nginx in reversed(made):
+        nginx.stop()
