@@ -251,14 +251,23 @@ def cmd_start(args: argparse.Namespace) -> int:
     is_daemon, fd = daemon.daemonize(keep)
     if is_daemon:
         code = 1
+        pipe = os.fstat(fd).st_ino
         try:
             code = serve(cfg, background=True, report_fd=fd)
         except FcgiManagerError:
             code = 1
         except BaseException:
+            import logging
             import traceback
 
-            daemon.report(fd, False, traceback.format_exc())
+            text = traceback.format_exc()
+            logging.getLogger("fcgi_manager.master").critical("the master crashed:\n%s", text)
+            try:  # once ready, the handshake pipe is closed and its number maybe reused
+                still_ours = os.fstat(fd).st_ino == pipe
+            except OSError:
+                still_ours = False
+            if still_ours:
+                daemon.report(fd, False, text)
         finally:
             os._exit(code)
     ok, text = daemon.wait_for_report(fd, timeout=300.0)

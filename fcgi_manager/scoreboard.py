@@ -11,7 +11,9 @@ that survives the master re-executing itself on reload). Layout::
 A worker writes its own slot twice per request (busy with method and URI, then idle with
 the request count): two ``struct.pack_into`` calls, no syscall, no lock. Readers may see a
 half-written slot for one sample; every field is independent, so the worst case is one
-stale value, never a crash (text is decoded with ``errors="replace"``).
+stale value, never a crash (text is decoded with ``errors="replace"``). The exception is
+"busy" read together with the idle record's start time (0): :meth:`Scoreboard.read_slot`
+reads that slot again.
 """
 
 from __future__ import annotations
@@ -108,7 +110,15 @@ class Scoreboard:
         off = HEADER_SIZE + slot * SLOT_SIZE
         mem = self.mem
         pid, generation, started_at = IDENT.unpack_from(mem, off + IDENT_OFF)
-        state, requests, busy_since, method, uri = REQ.unpack_from(mem, off + REQ_OFF)
+        for _ in range(50):
+            state, requests, busy_since, method, uri = REQ.unpack_from(mem, off + REQ_OFF)
+            if state != _BUSY or busy_since > 0.0:
+                break
+            # Read in the middle of the worker's write: "busy" with the start time of the
+            # idle record (0): the request would look as old as the machine's uptime and
+            # the master would kill the worker for workers.timeout. Read again.
+        else:
+            busy_since = time.monotonic()  # the writer is paused mid-write: it just began
         rss, cpu, _ = SAMPLE.unpack_from(mem, off + SAMPLE_OFF)
         shed, slow_dumped, _ = COUNTERS.unpack_from(mem, off + COUNTERS_OFF)
         return {

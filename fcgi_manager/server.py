@@ -81,17 +81,25 @@ class WSGIServer:
         return config_mod.from_options(f"{module}:{name}", bind=self._bind(), **options)
 
     def run(self) -> int:
-        """Serve until stopped; returns the exit status (0 after a clean stop)."""
+        """Serve until stopped; 0 after a clean stop.
+
+        A failure (no socket on fd 0, a bind error, an app that cannot start) prints the
+        reason and raises ``SystemExit(1)``: the Flask guide's ``.fcgi`` files ignore what
+        ``run()`` returns, and their process must still exit non-zero.
+        """
         from .cli import _print_error, serve
 
         try:
             cfg = self._config()
-            return serve(cfg, app=self.application)
+            code = serve(cfg, app=self.application)
         except FcgiManagerError as exc:
             _print_error(exc)
-            return 1
+            code = 1
         except KeyboardInterrupt:
             return 0
+        if code:
+            raise SystemExit(code)
+        return 0
 
 
 def run_wsgi(application: Callable, bind: Optional[str] = None, **options: Any) -> int:

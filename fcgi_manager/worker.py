@@ -290,7 +290,9 @@ class Worker:
             if self.stopping:
                 if self._accepting:
                     self._stop_accepting()
-                if not any(c.mid_request() for c in conns.values()):
+                # A fresh connection (accepted, its request not here yet) is owed an
+                # answer as much as a request in progress: wait for it too.
+                if not any(c.mid_request() or not c.last_used for c in conns.values()):
                     return
                 if not poll_deadline:
                     poll_deadline = time.monotonic() + self.graceful_timeout
@@ -340,7 +342,7 @@ class Worker:
                 if conn.fd in ready and self.conns.get(conn.fd) is conn:
                     self._readable(conn, closing=True)
         for conn in list(self.conns.values()):
-            if not conn.mid_request():
+            if conn.last_used and not conn.mid_request():  # kept and idle, never a fresh one
                 self._close(conn)
 
     def _accept(self) -> None:

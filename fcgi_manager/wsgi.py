@@ -11,9 +11,12 @@ Path rules (so that routing works at the root and under a sub-path):
 * params are taken as sent (nginx with ``fastcgi_split_path_info``, Apache ``ScriptAlias``);
 * a front end that sends no PATH_INFO at all and puts the whole request path in
   SCRIPT_NAME (nginx's stock ``fastcgi_params`` at the root) is read as a root mount;
-* ``app.script_name`` forces SCRIPT_NAME and takes it off the front of the full path
-  (the Flask guide's ScriptNameStripper); ``app.fix_root_url`` moves SCRIPT_NAME into
-  PATH_INFO (lighttpd mounted at "/", Apache ``mod_proxy_fcgi``).
+* ``app.script_name`` forces SCRIPT_NAME (the Flask guide's ScriptNameStripper). A sent
+  SCRIPT_NAME that is empty or a parent of the forced one is re-split: the forced prefix
+  is taken off the front of the full path (Apache ``mod_proxy_fcgi`` sends it all); one
+  that names the script (``/yourapplication.fcgi`` after mod_fcgid's RewriteRule) is
+  replaced and PATH_INFO kept as sent. ``app.fix_root_url`` moves SCRIPT_NAME into
+  PATH_INFO (lighttpd mounted at "/").
 """
 
 from __future__ import annotations
@@ -191,12 +194,15 @@ class EnvironBuilder:
         if "PATH_INFO" not in params:
             self._guess_path_info(environ, params)
         if self.script_name is not None:
-            full = environ["SCRIPT_NAME"] + environ["PATH_INFO"]
+            sent = environ["SCRIPT_NAME"]
             prefix = self.script_name
+            path = environ["PATH_INFO"]
+            if not sent or sent == prefix or prefix.startswith(sent.rstrip("/") + "/"):
+                path = sent + path
+                if prefix and (path == prefix or path.startswith(prefix + "/")):
+                    path = path[len(prefix) :]
             environ["SCRIPT_NAME"] = prefix
-            if prefix and (full == prefix or full.startswith(prefix + "/")):
-                full = full[len(prefix) :]
-            environ["PATH_INFO"] = full
+            environ["PATH_INFO"] = path
         elif self.fix_root_url:
             environ["PATH_INFO"] = environ["SCRIPT_NAME"] + environ["PATH_INFO"]
             environ["SCRIPT_NAME"] = ""
