@@ -390,14 +390,14 @@ class Master:
         grace = 0.0 if now else self.cfg.workers.graceful_timeout
         self.stop_deadline = time.monotonic() + grace
         self._notify_systemd("STOPPING=1")
+        # Our copy of the listening socket goes first, so that it closes for good as
+        # soon as the workers have taken what is queued and closed theirs.
+        self._close_listener()
         for rec in self.workers.values():
             self._stop_worker(rec, "stop", signal.SIGINT if now else signal.SIGTERM, grace)
         for client in self.reload_waiters:
             self._reply(client, ok=False, error="the master is stopping")
         self.reload_waiters = []
-        # Stop accepting: close our copy of the listening socket so the address is free
-        # for a new master as soon as the workers have closed theirs.
-        self._close_listener()
 
     def scale(self, value: str) -> Dict[str, Any]:
         value = value.strip()
@@ -1198,6 +1198,8 @@ class Master:
 
     def _close_listener(self) -> None:
         if self.listener is not None:
+            if self.listener_watched:
+                self._watch_listener(False)
             sockets.remove_unix_socket(self.address, self.sock_inode)
             self.sock_inode = 0
             try:

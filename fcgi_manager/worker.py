@@ -63,6 +63,7 @@ EXIT_RECYCLE_MEMORY = 11  # RSS passed max_memory
 STACK_SIGNAL = signal.SIGUSR2
 RECV_SIZE = 256 * 1024
 IDLE_CONN_TIMEOUT = 300.0
+STOP_IDLE_GRACE = 1.0  # seconds an idle kept connection stays open once stopping
 FIRST_READ_WAIT = 0.01  # seconds the read right after accept may wait for the request
 _EPOLLIN = select.EPOLLIN
 _EPOLL_ERRS = select.EPOLLHUP | select.EPOLLERR
@@ -80,7 +81,9 @@ class Conn:
     """
 
     __slots__ = ("fd", "parser", "params", "body", "request_id", "deadline",
-                 "registered", "last_used", "peer", "pending", "_poller")
+                 "registered", "last_used", "peer", "pending", "_poller", "timed")
+
+    lazy_sndtimeo: Optional[bytes] = None  # set by the worker for unix sockets
 
     def __init__(self, fd: int, peer: Any, max_params: int) -> None:
         self.fd = fd
@@ -94,6 +97,18 @@ class Conn:
         self.peer = peer
         self.pending: List[Any] = []  # events that arrived while the app ran
         self._poller: Any = None
+        self.timed = False
+
+    def _set_send_timeout(self) -> None:
+        """SO_SNDTIMEO on this connection (unix sockets do not inherit the listener's)."""
+        self.timed = True
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=self.fd)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self.lazy_sndtimeo)
+        except OSError:
+            pass
+        finally:
+            sock.detach()
 
     def check_abort(self) -> bool:
         """While a response streams: did the web server abort the request or hang up?
@@ -130,6 +145,10 @@ class Conn:
     def send(self, data: bytes) -> None:
         """Write all of ``data`` (blocking, bounded by SO_SNDTIMEO)."""
         fd = self.fd
+        if self.lazy_sndtimeo is not None and not self.timed and (
+                len(data) >= 65536 or self.last_used):
+            # It could block now: a large write, or a kept connection (many responses).
+            self._set_send_timeout()
         try:
             sent = os.write(fd, data)
             total = len(data)
@@ -201,6 +220,7 @@ class Worker:
         self._next_sweep = 0.0
         self._resume_accept_at = 0.0
         self._emfile_logged = 0.0
+        self._stop_began = 0.0
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -247,20 +267,24 @@ class Worker:
                 self.listener.setsockopt(socket.SOL_SOCKET, option, value)
             except OSError:
                 pass
-        # AF_UNIX sockets do not inherit them from the listener (only TCP does): without
-        # setting them per connection, a silent client would block the first read forever
-        # and a client that stops reading would block the response forever.
-        self._conn_timeouts = timeouts if self.listener.family == socket.AF_UNIX else []
+        # AF_UNIX sockets do not inherit them from the listener (only TCP does). Setting
+        # them on every connection would cost three syscalls per request, so instead:
+        # the first read is preceded by a zero-timeout poll (see _accept), and the send
+        # timeout is set on a connection only once it could block -- a write of 64 KiB
+        # or more, or a second request on a kept connection (Conn.send).
+        self._unix = self.listener.family == socket.AF_UNIX
+        Conn.lazy_sndtimeo = timeouts[0][1] if self._unix else None
+        self._probe = select.poll()
 
-    def _apply_timeouts(self, fd: int) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
+    def _ready_now(self, fd: int) -> bool:
+        """Has ``fd`` bytes to read right now? (select.poll register/unregister are not
+        syscalls: this costs one poll().)"""
+        probe = self._probe
+        probe.register(fd, select.POLLIN)
         try:
-            for option, value in self._conn_timeouts:
-                sock.setsockopt(socket.SOL_SOCKET, option, value)
-        except OSError:
-            pass
+            return bool(probe.poll(0))
         finally:
-            sock.detach()
+            probe.unregister(fd)
 
     # -- main loop ------------------------------------------------------------------------
 
@@ -290,15 +314,17 @@ class Worker:
             if self.stopping:
                 if self._accepting:
                     self._stop_accepting()
-                # A fresh connection (accepted, its request not here yet) is owed an
-                # answer as much as a request in progress: wait for it too.
-                if not any(c.mid_request() or not c.last_used for c in conns.values()):
+                self._retire_idle_kept(time.monotonic())
+                # Fresh connections (accepted, request not here yet) and requests in
+                # progress are owed an answer: wait for them too.
+                if not conns:
                     return
                 if not poll_deadline:
                     poll_deadline = time.monotonic() + self.graceful_timeout
                 elif time.monotonic() > poll_deadline:
                     return
-            timeout = 1.0 if conns or self.stopping or self._resume_accept_at else -1
+            timeout = (0.1 if self.stopping else 1.0) if (
+                conns or self.stopping or self._resume_accept_at) else -1
             try:
                 events = ep.poll(timeout)
             except InterruptedError:
@@ -326,31 +352,47 @@ class Worker:
                     self._sweep(now)
 
     def _stop_accepting(self) -> None:
+        """Leave the listening socket to the other workers (or the next generation).
+
+        Kept connections are not closed here: nginx may be sending a request on one at
+        this very moment, and closing it then makes nginx see a reset and fail that
+        request (a POST is not retried). Instead, while stopping, each kept connection
+        serves the requests that come and is closed right after its END_REQUEST: the FIN
+        follows the response at once, so nginx finds the connection closed when it goes
+        to cache it and drops it (it checks a connection it caches for EOF). Kept
+        connections that stay idle are closed after ``STOP_IDLE_GRACE`` seconds:
+        nginx reuses its cached connections most recent first, so one that idle is the
+        least likely to be picked at that moment.
+        """
         self._accepting = False
+        self._stop_began = time.monotonic()
         try:
             self.epoll.unregister(self.listen_fd)
         except (OSError, ValueError):
             pass
-        # Idle kept connections: serve what already arrived, then close them cleanly.
-        idle = [c for c in self.conns.values() if not c.mid_request()]
-        if idle:
-            poller = select.poll()
-            for conn in idle:
-                poller.register(conn.fd, select.POLLIN)
-            ready = {fd for fd, _ in poller.poll(0)}
-            for conn in idle:
-                if conn.fd in ready and self.conns.get(conn.fd) is conn:
-                    self._readable(conn, closing=True)
+        # Take what is already queued, then let go of our copy of the listening socket:
+        # when the last copy closes (a full stop), new connects are refused at once --
+        # nginx then tries the next upstream cleanly, even for a POST -- instead of
+        # waiting in a queue nobody serves and being reset when the workers exit.
+        if self._resume_accept_at == 0.0:
+            self._accept(budget=256, while_stopping=True)
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+
+    def _retire_idle_kept(self, now: float) -> None:
         for conn in list(self.conns.values()):
-            if conn.last_used and not conn.mid_request():  # kept and idle, never a fresh one
+            if conn.last_used and not conn.mid_request() and \
+                    now - max(conn.last_used, self._stop_began) >= STOP_IDLE_GRACE:
                 self._close(conn)
 
-    def _accept(self) -> None:
+    def _accept(self, budget: int = 16, while_stopping: bool = False) -> None:
         # A bounded batch: serve what is queued, but come back to poll so that kept
         # connections with requests waiting are not starved by a stream of new ones.
         accept = self.listener._accept  # (fd, address): no socket object per connection
-        for _ in range(16):
-            if self.stopping:
+        for _ in range(budget):
+            if self.stopping and not while_stopping:
                 return
             try:
                 fd, peer = accept()
@@ -364,12 +406,13 @@ class Worker:
                             peer[0] if isinstance(peer, tuple) else peer)
                 os.close(fd)
                 continue
-            if self._conn_timeouts:
-                self._apply_timeouts(fd)
             conn = Conn(fd, peer, protocol.DEFAULT_MAX_PARAMS)
             conn.deadline = time.monotonic() + self.read_timeout
             self.conns[conn.fd] = conn
-            self._readable(conn)
+            if self._unix and not self._ready_now(fd):
+                self._park(conn)  # no SO_RCVTIMEO on unix sockets: never read blind
+            else:
+                self._readable(conn)
 
     def _accept_error(self, exc: OSError) -> None:
         if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
@@ -538,8 +581,8 @@ class Worker:
         nginx reports as "reset by peer". After a complete request nothing is unread (the
         parser consumed the request up to its last STDIN record), so a plain ``close``
         sends the same FIN as ``shutdown`` would, for one syscall. A connection that ends
-        mid-request gets ``shutdown(SHUT_WR)``, then what the peer sent is drained (each
-        read bounded by SO_RCVTIMEO), then ``close``. Closing the fd also removes it from
+        mid-request gets ``shutdown(SHUT_WR)``, then what the peer has sent is drained
+        without waiting, then ``close``. Closing the fd also removes it from
         the epoll set: no ``unregister`` needed.
         """
         self.conns.pop(conn.fd, None)
@@ -549,7 +592,7 @@ class Worker:
             try:
                 sock.shutdown(socket.SHUT_WR)
                 for _ in range(16):
-                    if not sock.recv(65536):
+                    if not sock.recv(65536, socket.MSG_DONTWAIT):
                         break
             except OSError:
                 pass
@@ -613,14 +656,11 @@ class Worker:
         self.served += 1
         if self.max_requests or self.max_memory:
             self._check_recycle()
-        if conn.pending:
-            if not keep:
-                self._close(conn)
-                return False
-            return self._handle_events(conn, self._take_pending(conn))
-        if not keep:
-            self._close(conn)
+        if not keep or self.stopping:
+            self._close(conn)  # while stopping: FIN right behind END_REQUEST (see above)
             return False
+        if conn.pending:
+            return self._handle_events(conn, self._take_pending(conn))
         return True
 
     @staticmethod

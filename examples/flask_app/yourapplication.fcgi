@@ -1,0 +1,8 @@
+#!/usr/bin/env python3
+from fcgi_manager import WSGIServer
+from yourapplication import app
+
+if __name__ == '__main__':
+    WSGIServer(app).run()
+    # nginx and lighttpd "socket" mode connect to a socket the app creates itself:
+    # WSGIServer(app, bindAddress='/run/yourapplication/fcgi.sock').run()
