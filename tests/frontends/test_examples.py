@@ -1,4 +1,4 @@
-"""examples/ and examples/DEPLOYING.md stay true: every excerpt quoted in DEPLOYING.md is
+"""examples/ and the README's "Deploying" section stay true: every excerpt quoted there is
 in its example file word for word, and every example file is documented and run by a
 test in this directory."""
 
@@ -14,9 +14,9 @@ import pytest
 from .support import EXAMPLES
 
 HERE = Path(__file__).resolve().parent
-DOC = EXAMPLES / "DEPLOYING.md"
+DOC = EXAMPLES.parent / "README.md"
 # Written and tested elsewhere: the README's quick start.
-NOT_OURS = {"hello.py", "app.toml", "DEPLOYING.md"}
+NOT_OURS = {"hello.py", "app.toml"}
 
 
 def _excerpts() -> List[Tuple[str, str]]:
@@ -41,7 +41,7 @@ def test_there_are_excerpts() -> None:
 @pytest.mark.parametrize("name, excerpt", _excerpts(), ids=lambda v: str(v)[:40])
 def test_excerpt_is_in_its_file(name: str, excerpt: str) -> None:
     assert excerpt in (EXAMPLES / name).read_text(), \
-        f"DEPLOYING.md quotes examples/{name}, which now says otherwise"
+        f"README.md quotes examples/{name}, which now says otherwise"
 
 
 # Which test module runs each example file (it must name the file).
@@ -71,7 +71,7 @@ RUN_BY = {
 @pytest.mark.parametrize("name", _example_files())
 def test_example_is_documented_and_tested(name: str) -> None:
     doc = DOC.read_text()
-    assert name in doc or Path(name).name in doc, f"examples/{name} is not in DEPLOYING.md"
+    assert name in doc or Path(name).name in doc, f"examples/{name} is not in the README"
     assert name in RUN_BY, f"examples/{name}: which test runs it? (add it to RUN_BY)"
     module = (HERE / RUN_BY[name]).read_text()
     assert name in module or Path(name).name in module, \
