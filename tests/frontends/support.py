@@ -37,6 +37,8 @@ from urllib.parse import unquote
 import psutil
 import pytest
 
+from tests.support import render_toml
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python < 3.11
@@ -406,27 +408,8 @@ def substitute(text: str, replace: Iterable[Tuple[str, str]], name: str = "text"
     return text
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
 def dump_toml(data: Dict[str, Dict[str, Any]]) -> str:
-    out = []
-    for section, values in data.items():
-        out.append(f"[{section}]")
-        out += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
-        out.append("")
-    return "\n".join(out)
+    return render_toml(data)
 
 
 def read_toml(path: Path) -> Dict[str, Any]:

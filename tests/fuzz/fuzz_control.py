@@ -29,16 +29,12 @@ saved to ``tests/fixtures/control_crashes/<sha1>.bin`` and the exit status is 1.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import random
 import struct
 import sys
-import time
-import traceback
 from pathlib import Path
-from typing import Any, Callable, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, List, Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -46,6 +42,8 @@ if str(ROOT) not in sys.path:
 
 from fcgi_manager import control  # noqa: E402
 from fcgi_manager.errors import ProtocolError  # noqa: E402
+from tests.fuzz import driver  # noqa: E402
+from tests.fuzz.driver import CheckFailed, FuzzResult  # noqa: E402,F401
 
 CRASH_DIR = ROOT / "tests" / "fixtures" / "control_crashes"
 LENGTH = struct.Struct("!I")
@@ -64,15 +62,7 @@ JSON_VALUES: List[Any] = [None, True, False, 0, -1, 1, 2 ** 63, -(2 ** 70), 1.5,
 KEYS = ["id", "command", "args", "value", "now", "", "COMMAND", "\u00e9", "__proto__"]
 
 
-class FuzzResult(NamedTuple):
-    inputs: int
-    crashes: int
-    elapsed: float
-    crash_files: List[Path]
 
-
-class CheckFailed(AssertionError):
-    """A differential or invariant check failed (counted as a crash)."""
 
 
 # --- seeds ---------------------------------------------------------------------------------
@@ -286,13 +276,6 @@ def check_input(data: bytes, rng: Optional[random.Random] = None) -> None:
 # --- driver --------------------------------------------------------------------------------
 
 
-def _save_crash(data: bytes, crash_dir: Path) -> Path:
-    crash_dir.mkdir(parents=True, exist_ok=True)
-    path = crash_dir / (hashlib.sha1(data).hexdigest() + ".bin")
-    path.write_bytes(data)
-    return path
-
-
 def next_input(rng: random.Random, corpus: List[bytes]) -> bytes:
     roll = rng.random()
     if roll < 0.1:
@@ -310,49 +293,13 @@ def fuzz(
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> FuzzResult:
     """Fuzz for ``seconds`` (or ``max_inputs`` inputs); crashes are saved to ``crash_dir``."""
-    crash_dir = crash_dir or CRASH_DIR
-    rng = random.Random(seed)
     corpus = seeds()
-    inputs = crashes = 0
-    crash_files: List[Path] = []
-    signatures: set = set()
-    start = time.monotonic()
-    deadline = start + seconds
-    while max_inputs is None or inputs < max_inputs:
-        if inputs % 64 == 0 and time.monotonic() >= deadline:
-            break
-        data = next_input(rng, corpus)
-        inputs += 1
-        try:
-            check_input(data, random.Random(rng.random()))
-        except Exception as exc:  # every exception that escapes is a finding
-            crashes += 1
-            frame_info = traceback.extract_tb(exc.__traceback__)[-1]
-            signature: Tuple[str, str, Any] = (type(exc).__name__, frame_info.filename,
-                                               frame_info.lineno)
-            if signature not in signatures:
-                signatures.add(signature)
-                path = _save_crash(data, crash_dir)
-                crash_files.append(path)
-                log(f"crash: {type(exc).__name__}: {str(exc)[:200]} at "
-                    f"{frame_info.filename}:{frame_info.lineno}")
-                log(f"  input saved to {path}")
-    return FuzzResult(inputs, crashes, time.monotonic() - start, crash_files)
+    return driver.run(lambda rng: next_input(rng, corpus), check_input, seconds, seed,
+                      crash_dir or CRASH_DIR, max_inputs, log)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=30.0, help="time budget (default 30)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
-    parser.add_argument("--max-inputs", type=int, default=None, help="stop after this many inputs")
-    parser.add_argument("--crash-dir", type=Path, default=CRASH_DIR, help="where crashes go")
-    args = parser.parse_args(argv)
-    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
-    print(f"fuzz_control: seed {seed}", file=sys.stderr)
-    result = fuzz(args.seconds, seed, args.crash_dir, args.max_inputs)
-    print(f"fuzz_control: {result.inputs} inputs, {result.crashes} crashes"
-          f" in {result.elapsed:.1f} s")
-    return 1 if result.crashes else 0
+    return driver.main("fuzz_control", __doc__ or "", fuzz, CRASH_DIR, argv)
 
 
 if __name__ == "__main__":

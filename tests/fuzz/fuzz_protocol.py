@@ -19,14 +19,10 @@ saved to ``tests/fixtures/fcgi_crashes/<sha1>.bin`` and the exit status is 1.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import random
 import sys
-import time
-import traceback
 from pathlib import Path
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -34,6 +30,8 @@ if str(ROOT) not in sys.path:
 
 from fcgi_manager import protocol as p  # noqa: E402
 from fcgi_manager.errors import ProtocolError  # noqa: E402
+from tests.fuzz import driver  # noqa: E402
+from tests.fuzz.driver import CheckFailed, FuzzResult  # noqa: E402,F401
 
 CRASH_DIR = ROOT / "tests" / "fixtures" / "fcgi_crashes"
 
@@ -53,15 +51,7 @@ INTERESTING_32 = [
 HEADER = p.HEADER
 
 
-class FuzzResult(NamedTuple):
-    inputs: int
-    crashes: int
-    elapsed: float
-    crash_files: List[Path]
 
-
-class CheckFailed(AssertionError):
-    """A differential or grammar check failed (counted as a crash)."""
 
 
 # --- seed corpus ---------------------------------------------------------------------------
@@ -422,13 +412,6 @@ def check_input(data: bytes, rng: Optional[random.Random] = None) -> None:
 # --- driver --------------------------------------------------------------------------------
 
 
-def _save_crash(data: bytes, crash_dir: Path) -> Path:
-    crash_dir.mkdir(parents=True, exist_ok=True)
-    path = crash_dir / (hashlib.sha1(data).hexdigest() + ".bin")
-    path.write_bytes(data)
-    return path
-
-
 def fuzz(
     seconds: float,
     seed: int = 0,
@@ -437,57 +420,24 @@ def fuzz(
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> FuzzResult:
     """Fuzz for ``seconds`` (or ``max_inputs`` inputs); crashes are saved to ``crash_dir``."""
-    crash_dir = crash_dir or CRASH_DIR
-    rng = random.Random(seed)
     servers = server_seeds()
     clients = client_seeds()
     corpus = servers + clients
-    inputs = crashes = 0
-    crash_files: List[Path] = []
-    signatures = set()
-    start = time.monotonic()
-    deadline = start + seconds
-    while max_inputs is None or inputs < max_inputs:
-        if inputs % 64 == 0 and time.monotonic() >= deadline:
-            break
+
+    def next_input(rng: random.Random) -> bytes:
         roll = rng.random()
         if roll < 0.1:
-            data = random_input(rng)
-        elif roll < 0.8:
-            data = mutate(rng.choice(servers), rng, corpus)
-        else:
-            data = mutate(rng.choice(clients), rng, corpus)
-        inputs += 1
-        try:
-            check_input(data, random.Random(rng.random()))
-        except Exception as exc:  # every exception that escapes is a finding
-            crashes += 1
-            frame = traceback.extract_tb(exc.__traceback__)[-1]
-            signature = (type(exc).__name__, frame.filename, frame.lineno)
-            if signature not in signatures:
-                signatures.add(signature)
-                path = _save_crash(data, crash_dir)
-                crash_files.append(path)
-                log(f"crash: {type(exc).__name__}: {exc} at {frame.filename}:{frame.lineno}")
-                log(f"  input saved to {path}")
-    return FuzzResult(inputs, crashes, time.monotonic() - start, crash_files)
+            return random_input(rng)
+        if roll < 0.8:
+            return mutate(rng.choice(servers), rng, corpus)
+        return mutate(rng.choice(clients), rng, corpus)
+
+    return driver.run(next_input, check_input, seconds, seed, crash_dir or CRASH_DIR,
+                      max_inputs, log)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=30.0, help="time budget (default 30)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
-    parser.add_argument("--max-inputs", type=int, default=None, help="stop after this many inputs")
-    parser.add_argument("--crash-dir", type=Path, default=CRASH_DIR, help="where crashes go")
-    args = parser.parse_args(argv)
-    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
-    print(f"fuzz_protocol: seed {seed}", file=sys.stderr)
-    result = fuzz(args.seconds, seed, args.crash_dir, args.max_inputs)
-    print(
-        f"fuzz_protocol: {result.inputs} inputs, {result.crashes} crashes"
-        f" in {result.elapsed:.1f} s"
-    )
-    return 1 if result.crashes else 0
+    return driver.main("fuzz_protocol", __doc__ or "", fuzz, CRASH_DIR, argv)
 
 
 if __name__ == "__main__":
