@@ -290,7 +290,7 @@ def _keys(data: Dict[str, Any]) -> Dict[str, Any]:
 
 def test_status_page_text_json_openmetrics_and_ping(make_manager: MakeManager,
                                                     make_nginx: MakeNginx) -> None:
-    parser = pytest.importorskip("prometheus_client.openmetrics.parser")
+    from prometheus_client.openmetrics import parser  # a test dependency
     m = make_manager(count=2, status={"path": "/fcgi-status", "ping_path": "/fcgi-ping"})
     m.start()
     nginx = make_nginx(m.bind)

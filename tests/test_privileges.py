@@ -49,7 +49,7 @@ def shared_dir() -> Iterator[Path]:
     if os.geteuid() != 0:
         if in_ci():
             pytest.fail("CI runs as root: privilege tests must run")
-        pytest.skip("dropping privileges needs root")
+        pytest.skip("dropping privileges needs root")  # by hand only: CI failed above
     path = Path(tempfile.mkdtemp(prefix="fcgi-priv-"))
     path.chmod(0o777)
     try:

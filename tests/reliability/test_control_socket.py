@@ -119,7 +119,7 @@ def test_another_uid_is_refused(make_manager: Any, open_dir: Path) -> None:
     if os.geteuid() != 0:
         if in_ci():
             pytest.fail("CI runs the suite as root: this test needs it to switch uid")
-        pytest.skip("needs root to act as another uid (nobody)")
+        pytest.skip("needs root to act as another uid (nobody)")  # not in CI: failed above
     ctl = open_dir / "app.ctl"
     manager = rel_manager(make_manager, manager={"control": str(ctl)})
     manager.control = ctl
