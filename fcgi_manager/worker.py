@@ -63,6 +63,7 @@ EXIT_RECYCLE_MEMORY = 11  # RSS passed max_memory
 STACK_SIGNAL = signal.SIGUSR2
 RECV_SIZE = 256 * 1024
 IDLE_CONN_TIMEOUT = 300.0
+MEMORY_CHECK_EVERY = 1.0  # seconds between two max_memory checks (always between requests)
 STOP_IDLE_GRACE = 1.0  # seconds an idle kept connection stays open once stopping
 FIRST_READ_WAIT = 0.01  # seconds the read right after accept may wait for the request
 _EPOLLIN = select.EPOLLIN
@@ -204,6 +205,7 @@ class Worker:
         self.ping_path = config.status.ping_path
         self.ping_body = (config.status.ping_response + "\n").encode()
         self.has_special = bool(self.status_path or self.ping_path or self.queue_timeout)
+        self.special_prefixes = tuple(p for p in (self.ping_path, self.status_path) if p)
         self.status_page = status_page
         self.filter = ClientFilter.from_config(config.listen.allowed_clients)
         self.errors = ErrorStream(self._app_error_line)
@@ -221,6 +223,7 @@ class Worker:
         self._resume_accept_at = 0.0
         self._emfile_logged = 0.0
         self._stop_began = 0.0
+        self._next_memory_check = 0.0
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -685,7 +688,10 @@ class Worker:
                     return ("503 Service Unavailable",
                             b"Service Unavailable: the request waited too long in the queue\n",
                             "text/plain; charset=utf-8", [("Retry-After", "1")])
-        if self.ping_path or self.status_path:
+        if self.special_prefixes:
+            raw = params.get("DOCUMENT_URI") or params.get("REQUEST_URI", "")
+            if not raw.startswith(self.special_prefixes) and "%" not in raw:
+                return None  # the common case, decided without decoding the path
             path = request_path(params)
             if path and path == self.ping_path:
                 return ("200 OK", self.ping_body, "text/plain; charset=utf-8",
@@ -702,6 +708,12 @@ class Worker:
             self.exit_code = EXIT_RECYCLE_REQUESTS
             self.stopping = True
         elif self.max_memory and not self.stopping:
+            # Reading /proc costs three syscalls: once a second is plenty for a memory
+            # limit, and keeps the feature's cost per request unmeasurable.
+            now = time.monotonic()
+            if now < self._next_memory_check:
+                return
+            self._next_memory_check = now + MEMORY_CHECK_EVERY
             rss = current_rss()
             if rss > self.max_memory:
                 log.info("memory %d MiB is over workers.max_memory (%d MiB): recycling",
