@@ -236,6 +236,22 @@ def test_max_requests_recycles_workers(make_manager: MakeManager) -> None:
     assert "recycled (max_requests)" in m.log_text()
 
 
+def test_max_memory_recycles_a_worker_between_requests(make_manager: MakeManager) -> None:
+    # 1 MiB is below any Python worker's RSS: the first request must be its last.
+    m = make_manager(count=1, workers={"max_memory": "1MiB"})
+    m.start()
+    first = m.worker_pids()
+    reply = fcgi_request(m.bind, "/hello")
+    assert reply.status == "200 OK", reply  # the request itself is served in full
+    data = wait_for(lambda: (lambda d: d["totals"]["recycled"] >= 1 and d)(m.status()), 15,
+                    "a worker recycled for max_memory")
+    data = m.wait_workers(1)
+    assert m.worker_pids(data) != first
+    assert data["totals"]["crashes"] == 0
+    assert "recycled (max_memory)" in m.log_text()
+    assert "workers.max_memory" in m.log_text()
+
+
 def test_scale_commands_and_signals(make_manager: MakeManager) -> None:
     m = make_manager(count=2)
     m.start()
