@@ -22,7 +22,6 @@ workers serving and is reported to whoever asked for the reload.
 
 from __future__ import annotations
 
-import errno
 import gc
 import json
 import logging
@@ -158,8 +157,6 @@ class Master:
         self.user = resolve_user(cfg.manager.user, cfg.manager.group)
         self.resumed = False
         self.wakeup_r = self.wakeup_w = -1
-        self.spawn_hook: Optional[Callable[[], None]] = None
-        self.last_idle_at = time.monotonic()
         self.base_modules: frozenset = frozenset(sys.modules)
         self.child_close_fds: List[int] = []  # e.g. the start handshake pipe
         self.sizer = PoolSizer(cfg.workers)
@@ -260,8 +257,6 @@ class Master:
             self.workers[rec.pid] = rec
         for fd in state["waiters"]:
             self.reload_waiters.append(socket.socket(fileno=fd))
-        if state.get("scaled_target") is not None and state["scaled_target"] >= 0:
-            pass  # the new config's count wins: a reload re-reads the config
 
     # -- running ------------------------------------------------------------------------
 
@@ -553,7 +548,6 @@ class Master:
         argv = list(getattr(sys, "orig_argv", []) or [])
         if not argv:
             argv = [sys.executable, "-m", "fcgi_manager", *sys.argv[1:]]
-        argv = _resume_argv(argv)
         log.info("reload: re-executing the master with fresh code (pid %d stays)", os.getpid())
         self.log_handler.flush()
         signal.set_wakeup_fd(-1)
@@ -1251,11 +1245,6 @@ def _close_quietly(fd: int) -> None:
         pass
 
 
-def _resume_argv(argv: List[str]) -> List[str]:
-    """The command line for the re-executed master: same as ours."""
-    return argv
-
-
 def _set_pdeathsig(sig: int) -> None:
     """Linux extra: the kernel signals us when the master dies (the pipe is the real
     guarantee; this only makes an idle worker notice at once)."""
@@ -1270,4 +1259,4 @@ def _set_pdeathsig(sig: int) -> None:
         pass
 
 
-__all__ = ["Master", "describe_exit", "errno"]
+__all__ = ["Master", "describe_exit"]

@@ -15,7 +15,6 @@ to load new code, restart, or use ``fcgi-manager`` with a config file.
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any, Callable, Optional, Tuple, Union
 
 from . import config as config_mod
@@ -107,4 +106,4 @@ def run_wsgi(application: Callable, bind: Optional[str] = None, **options: Any) 
     return WSGIServer(application, bind, **options).run()
 
 
-__all__ = ["WSGIServer", "run_wsgi", "sys"]
+__all__ = ["WSGIServer", "run_wsgi"]

@@ -36,7 +36,6 @@ import socket
 import struct
 import sys
 import time
-import traceback
 from typing import Any, Callable, Dict, List, Optional
 
 from . import protocol
@@ -67,7 +66,6 @@ MEMORY_CHECK_EVERY = 1.0  # seconds between two max_memory checks (always betwee
 STOP_IDLE_GRACE = 1.0  # seconds an idle kept connection stays open once stopping
 FIRST_READ_WAIT = 0.01  # seconds the read right after accept may wait for the request
 _EPOLLIN = select.EPOLLIN
-_EPOLL_ERRS = select.EPOLLHUP | select.EPOLLERR
 
 log = logging.getLogger("fcgi_manager.worker")
 
@@ -196,7 +194,6 @@ class Worker:
         self.max_requests = max_requests
         self.max_memory = w.max_memory
         self.max_body_in_memory = w.max_body_in_memory
-        self.max_body_size = 0
         self.read_timeout = w.read_timeout
         self.max_idle = max(1, w.max_idle_connections)
         self.queue_timeout = w.queue_timeout
@@ -452,13 +449,12 @@ class Worker:
 
     # -- reading --------------------------------------------------------------------------
 
-    def _readable(self, conn: Conn, closing: bool = False) -> None:
+    def _readable(self, conn: Conn) -> None:
         """Read what ``conn`` has (epoll said so, or it was just accepted) and act on it."""
         try:
             data = os.read(conn.fd, RECV_SIZE)
         except (BlockingIOError, InterruptedError):
-            if not closing:
-                self._park(conn)
+            self._park(conn)
             return
         except OSError:
             self._close(conn)
@@ -474,7 +470,7 @@ class Worker:
             log.warning("closed a connection from %s: %s", _peer_name(conn.peer), exc)
             self._close(conn)
             return
-        if self._handle_events(conn, events) and not closing:
+        if self._handle_events(conn, events):
             self._park(conn)
 
     def _handle_events(self, conn: Conn, events: List[Any]) -> bool:
@@ -487,11 +483,6 @@ class Worker:
                     body.append(ev.data)
                 except OSError as exc:  # the spool file: disk full, file too large
                     return self._spool_failed(conn, exc)
-                if self.max_body_size and body.size > self.max_body_size:
-                    log.warning("closed a connection: request body over %d bytes",
-                                self.max_body_size)
-                    self._close(conn)
-                    return False
             elif kind is protocol.Params:
                 conn.params = ev.params
                 try:
@@ -751,6 +742,3 @@ def current_rss() -> int:
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-
-def format_exception_only() -> str:
-    return "".join(traceback.format_exception_only(*sys.exc_info()[:2])).strip()

@@ -37,7 +37,7 @@ from urllib.parse import unquote
 import psutil
 import pytest
 
-from tests.support import render_toml
+from tests.support import pid_alive, render_toml  # noqa: F401 - re-exported to the tests here
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -184,14 +184,6 @@ def tail(path: Path, lines: int = 40) -> str:
 
 
 # -- processes --------------------------------------------------------------------------
-
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie counts as gone)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 class Procs:
