@@ -33,6 +33,7 @@ class AppConfig:
     preload: bool = True
     script_name: Optional[str] = None
     fix_root_url: bool = False
+    post_fork: str = ""  # "module:function" called in each worker after fork (second round)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class WorkersConfig:
     read_timeout: float = 30.0
     write_timeout: float = 60.0
     max_idle_connections: int = 1024
+    max_body: int = 0  # bytes, 0 = no limit; larger request bodies get 413 (second round)
+    threads: int = 1  # requests run at once in each worker (second round)
 
     @property
     def effective_count(self) -> int:
@@ -77,6 +80,7 @@ class StatusConfig:
     path: str = ""
     ping_path: str = ""
     ping_response: str = "pong"
+    show_query: bool = False  # query strings shown as "?…" unless true (second round)
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,10 @@ class ManagerConfig:
     log_level: str = "info"
     umask: int = 0o022
     name: str = ""
+    log_format: str = "text"  # "text" | "json" (second round)
+    access_log: str = ""  # path, "-" = stderr, "" = off (second round)
+    access_format: str = ""  # "" = the built-in format (second round)
+    shutdown_delay: float = 0.0  # seconds the ping path answers 503 before a stop (second round)
 
 
 @dataclass(frozen=True)
@@ -164,7 +172,7 @@ def _convert(section: str, key: str, value: Any, source: str, base: str) -> Any:
     """Check one key's type and turn it into the dataclass field's value."""
     where = _where(source, f"{section}.{key}")
     full = f"{section}.{key}"
-    if full in ("workers.max_memory", "workers.max_body_in_memory"):
+    if full in ("workers.max_memory", "workers.max_body_in_memory", "workers.max_body"):
         return parse_size(value, where)
     if full == "app.path":
         if isinstance(value, str):
@@ -197,7 +205,8 @@ def _convert(section: str, key: str, value: Any, source: str, base: str) -> Any:
                 raise ConfigError(f'{where}: expected an octal umask like "022", got {value!r}')
             return int(value, 8)
         return _expect(value, (int,), where, 'an octal umask like "022"')
-    if full in ("manager.pidfile", "manager.control", "manager.log", "app.chdir"):
+    if full in ("manager.pidfile", "manager.control", "manager.log", "manager.access_log",
+                "app.chdir"):
         return _resolve_path(_expect(value, (str,), where, "a path"), base)
     if full == "app.script_name":
         return _expect(value, (str,), where, "a path prefix like \"/app\"")
@@ -246,6 +255,12 @@ def _check(cfg: Config, source: str) -> None:
         if w.effective_count > w.max_workers:
             raise err("workers.count", f"({w.effective_count}) is above max_workers "
                       f"({w.max_workers})")
+    if w.threads < 1 or w.threads > 1024:
+        raise err("workers.threads", "must be between 1 and 1024")
+    if m.shutdown_delay < 0:
+        raise err("manager.shutdown_delay", "must not be negative (0 turns it off)")
+    if m.log_format not in ("text", "json"):
+        raise err("manager.log_format", f'must be "text" or "json", got {m.log_format!r}')
     if w.max_idle_connections < 0:
         raise err("workers.max_idle_connections", "must not be negative")
     if li.backlog < 1:
