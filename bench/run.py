@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import psutil
-from benchlib import deps, nginx, report, wrk
+from benchlib import deps, nginx, report, syscalls, wrk
 from benchlib.procs import (
     Child,
     ProcessRegistry,
@@ -33,7 +33,15 @@ from benchlib.procs import (
     unix_socket_accepts,
     wait_until,
 )
-from benchlib.servers import SERVERS, SUBJECT, WORKERS, Context, Server, fcgi_manager_problem
+from benchlib.servers import (
+    SERVERS,
+    SUBJECT,
+    WORKERS,
+    Context,
+    Server,
+    fcgi_manager_problem,
+    php_fpm_binary,
+)
 
 BENCH_DIR = Path(__file__).resolve().parent
 VENV_DIR = BENCH_DIR / ".venv-peers"
@@ -61,6 +69,7 @@ class Plan:
     warmup_s: float
     timeout_s: float
     smoke: bool
+    syscalls: bool = False
     post_bytes: int = POST_BYTES
     workers: int = WORKERS
 
@@ -98,6 +107,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="never install anything; fail if something is missing")
     parser.add_argument("--keep-tmp", action="store_true",
                         help="keep the temp dir (nginx.conf, server logs) for inspection")
+    parser.add_argument("--syscalls", action="store_true",
+                        help="also count system calls per request with strace -c (one extra "
+                             "wrk run per server, app and keep-conn mode)")
     return parser.parse_args(argv)
 
 
@@ -126,6 +138,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         warmup_s=pick("warmup"),
         timeout_s=args.timeout,
         smoke=args.smoke,
+        syscalls=args.syscalls,
     )
 
 
@@ -156,6 +169,7 @@ class Bench:
         self.samples: List[Dict] = []
         self.memory: List[Dict] = []
         self.failures: List[Dict] = []
+        self.syscalls: List[Dict] = []
         self.broken: Dict[str, str] = {}
 
     def socket(self, server: str) -> Path:
@@ -167,7 +181,8 @@ class Bench:
         """Write the run's nginx.conf, start nginx, and wait until it answers."""
         self.port = free_loopback_port()
         backends = [
-            nginx.Backend(name, SERVERS[name].protocol, self.socket(name))
+            nginx.Backend(name, SERVERS[name].protocol, self.socket(name),
+                          SERVERS[name].nginx_params)
             for name in self.plan.servers
         ]
         conf = self.tmp / "nginx.conf"
@@ -229,9 +244,11 @@ class Bench:
     # --- measuring ---------------------------------------------------------------------
 
     def measure(self, server: str, path: str, app: str, conns: int,
-                keep_conn: Optional[bool], rep: int) -> Dict:
-        """One wrk run, with what nginx logged during it."""
+                keep_conn: Optional[bool], rep: int, child: Optional[Child] = None) -> Dict:
+        """One wrk run, with what nginx logged during it and the server's CPU time per
+        request (its workers' and master's user + system time over the run)."""
         mark = self.error_log.mark()
+        cpu_before = _server_cpu_s(child)
         sample: Dict = {"rep": rep, "server": server, "app": app, "connections": conns,
                         "keep_conn": keep_conn, "path": path, "result": None, "error": None}
         try:
@@ -239,6 +256,10 @@ class Bench:
                              self.plan.duration_s, self.plan.timeout_s, self.logs / "wrk.out",
                              post_bytes=self.plan.post_bytes if app == "post" else None)
             sample["result"] = result.to_dict()
+            cpu_after = _server_cpu_s(child)
+            if cpu_before is not None and cpu_after is not None and result.requests:
+                sample["result"]["cpu_us_per_request"] = (
+                    (cpu_after - cpu_before) * 1e6 / result.requests)
         except wrk.WrkError as exc:
             sample["error"] = str(exc)
             self.failures.append({"server": server, "app": app, "stage": "wrk",
@@ -281,6 +302,35 @@ class Bench:
             return
         self.memory.append(entry)
 
+    def count_syscalls(self, server: Server, app: str, child: Child) -> None:
+        """One wrk run per keep-conn mode with strace -c on the workers (see syscalls.py)."""
+        strace = shutil.which("strace")
+        if strace is None:
+            self.failures.append({"server": server.name, "app": app, "stage": "syscalls",
+                                  "message": "strace is not installed"})
+            return
+        for keep_conn in server.keep_conn_variants:
+            if keep_conn is not None and keep_conn not in self.plan.keep_conn:
+                continue
+            path = f"/{server.name}/{'on' if keep_conn else 'off'}/{app}"
+            tracer = syscalls.Tracer(strace, syscalls.worker_pids(child.pid),
+                                     self.logs / f"strace-{server.name}-{app}-{keep_conn}.txt")
+            tracer.start()
+            try:
+                result = wrk.run(self.registry, self.tools["wrk"], self.url(path),
+                                 min(self.plan.connections), 2.0, self.plan.timeout_s,
+                                 self.logs / "wrk.out",
+                                 post_bytes=self.plan.post_bytes if app == "post" else None)
+            except wrk.WrkError as exc:
+                tracer.stop()
+                self.failures.append({"server": server.name, "app": app,
+                                      "stage": "syscalls", "message": str(exc)})
+                continue
+            calls = tracer.stop()
+            self.syscalls.append({"server": server.name, "app": app, "keep_conn": keep_conn,
+                                  "requests": result.requests,
+                                  "per_request": syscalls.per_request(calls, result.requests)})
+
     # --- the matrix --------------------------------------------------------------------
 
     def measure_ceiling(self) -> None:
@@ -309,9 +359,11 @@ class Bench:
                 path = f"/{server.name}/{'on' if keep_conn else 'off'}/{app}"
                 for conns in self.plan.connections:
                     self.samples.append(self.measure(server.name, path, app, conns,
-                                                     keep_conn, rep))
+                                                     keep_conn, rep, child))
             if app == self.plan.memory_app:
                 self.record_memory(server.name, app, rep, child)
+            if self.plan.syscalls and rep == 0:
+                self.count_syscalls(server, app, child)
         finally:
             self.recycle_nginx_workers()
             self.stop_server(server, child)
@@ -329,6 +381,28 @@ class Bench:
                       f"{', '.join(s.name for s in order)}", flush=True)
                 for server in order:
                     self.run_block(server, app, rep)
+
+
+def _server_cpu_s(child: Optional[Child]) -> Optional[float]:
+    """CPU seconds (user + system) of a server's process tree so far, or None.
+
+    Workers that exited during the run take their time with them; the servers here keep
+    their workers for the whole run, so the difference over a run is what it served with.
+    """
+    if child is None:
+        return None
+    try:
+        root = psutil.Process(child.pid)
+        total = 0.0
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+        return total
+    except psutil.Error:
+        return None
 
 
 def _memory(proc: psutil.Process) -> Dict[str, int]:
@@ -363,7 +437,20 @@ def _estimate_s(plan: Plan) -> float:
 
 
 def drop_unrunnable(plan: Plan, explicit: bool) -> List[str]:
-    """Leave fcgi-manager out of a default run when this checkout cannot run it yet."""
+    """Leave fcgi-manager out of a default run when this checkout cannot run it yet, and
+    php-fpm when it is not installed (it is a Debian package, not a PyPI peer)."""
+    skipped: List[str] = []
+    if "php-fpm" in plan.servers and php_fpm_binary() is None:
+        message = "php-fpm (not installed: apt-get install php-fpm)"
+        if explicit:
+            raise deps.SetupError(message)
+        plan.servers.remove("php-fpm")
+        print(f"note: skipping {message}", flush=True)
+        skipped.append(message)
+    return skipped + _drop_unrunnable_subject(plan, explicit)
+
+
+def _drop_unrunnable_subject(plan: Plan, explicit: bool) -> List[str]:
     if SUBJECT not in plan.servers:
         return []
     problem = fcgi_manager_problem()
@@ -423,9 +510,10 @@ def write_reports(bench: Bench, meta: Dict, out_dir: Path) -> List[Path]:
     report.write_json(base.with_suffix(".json"), {
         "meta": meta, "plan": plan, "summary": [row.to_dict() for row in rows],
         "memory_summary": memory, "samples": bench.samples, "memory_samples": bench.memory,
-        "failures": bench.failures,
+        "failures": bench.failures, "syscalls": bench.syscalls,
     })
     markdown = report.render_markdown(meta, plan, rows, memory, bench.failures)
+    markdown += report.syscall_table(bench.syscalls)
     base.with_suffix(".md").write_text(markdown)
     paths = [base.with_suffix(".json"), base.with_suffix(".md")]
     if report.render_png(base.with_suffix(".png"), rows, bench.plan.servers):

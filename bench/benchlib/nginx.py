@@ -58,6 +58,7 @@ class Backend:
     name: str
     protocol: str  # "fastcgi" or "http"
     socket: Path
+    params: str = ""  # extra fastcgi_param lines this server needs
 
 
 def _user_directive() -> str:
@@ -81,11 +82,11 @@ def _fastcgi_blocks(b: Backend) -> Tuple[str, str]:
     }}"""
     locations = f"""
         location /{b.name}/off/ {{
-            fastcgi_pass unix:{b.socket};{FASTCGI_PARAMS}
+            fastcgi_pass unix:{b.socket};{FASTCGI_PARAMS}{b.params}
         }}
         location /{b.name}/on/ {{
             fastcgi_pass {_upstream(b, 'keepconn')};
-            fastcgi_keep_conn on;{FASTCGI_PARAMS}
+            fastcgi_keep_conn on;{FASTCGI_PARAMS}{b.params}
         }}"""
     return upstream, locations
 

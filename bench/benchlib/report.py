@@ -35,6 +35,7 @@ class Row:
     rps: List[float] = field(default_factory=list)
     p50_ms: List[float] = field(default_factory=list)
     p99_ms: List[float] = field(default_factory=list)
+    cpu_us: List[float] = field(default_factory=list)  # server CPU time per request
     errors: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(ERROR_KINDS, 0))
     nginx_error_lines: int = 0
     failed_runs: int = 0
@@ -56,6 +57,7 @@ class Row:
             "rps_max": max(self.rps) if self.rps else None,
             "p50_ms_median": _median(self.p50_ms),
             "p99_ms_median": _median(self.p99_ms),
+            "cpu_us_per_request_median": _median(self.cpu_us),
             "errors": dict(self.errors, total=sum(self.errors.values())),
             "nginx_error_lines": self.nginx_error_lines,
             "failed_runs": self.failed_runs,
@@ -86,6 +88,8 @@ def summarize(samples: List[Dict]) -> List[Row]:
         row.rps.append(result["rps"])
         row.p50_ms.append(result["p50_ms"])
         row.p99_ms.append(result["p99_ms"])
+        if result.get("cpu_us_per_request") is not None:
+            row.cpu_us.append(result["cpu_us_per_request"])
         for kind in ERROR_KINDS:
             row.errors[kind] += result[kind]
     _add_ratios(rows)
@@ -150,9 +154,10 @@ def _keep_conn_label(keep_conn: Optional[bool]) -> str:
 def _results_table(rows: List[Row]) -> List[str]:
     """The main table; the ratio column only when fcgi-manager was part of the run."""
     with_ratio = any(row.server == SUBJECT for row in rows)
-    header = ("| server | app | conc | keep-conn | rps (median) | p50 ms | p99 ms | wrk errors "
-              "(conn/read/write/timeout/non-2xx) | nginx err lines |")
-    rule = "|---|---|---:|---|---:|---:|---:|---|---:|"
+    header = ("| server | app | conc | keep-conn | rps (median) | p50 ms | p99 ms | "
+              "server CPU µs/req | wrk errors (conn/read/write/timeout/non-2xx) | "
+              "nginx err lines |")
+    rule = "|---|---|---:|---|---:|---:|---:|---:|---|---:|"
     if with_ratio:
         header += " fcgi-manager ÷ server |"
         rule += "---:|"
@@ -167,7 +172,7 @@ def _results_table(rows: List[Row]) -> List[str]:
             f"| {row.server} | {row.app} | {row.connections} | "
             f"{_keep_conn_label(row.keep_conn)} | {_fmt(row.rps_median, ',.0f')} | "
             f"{_fmt(_median(row.p50_ms), '.2f')} | {_fmt(_median(row.p99_ms), '.2f')} | "
-            f"{errors} | {row.nginx_error_lines} |"
+            f"{_fmt(_median(row.cpu_us), '.1f')} | {errors} | {row.nginx_error_lines} |"
         )
         if with_ratio:
             line += f" {_fmt(row.ratio, '.2f')} |"
@@ -313,3 +318,19 @@ def _plot_app(ax, rows: List[Row], servers: List[str], metric: str) -> None:
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([f"c{c}\nkeep-conn {'on' if k else 'off'}" for c, k in groups])
     ax.grid(axis="y", alpha=0.3)
+
+
+def syscall_table(entries: List[Dict]) -> str:
+    """System calls per request (from ``--syscalls``), the five most frequent by name."""
+    if not entries:
+        return ""
+    lines = ["", "## System calls per request (`strace -c -f` on the workers, c = lowest)", "",
+             "| server | app | keep-conn | total | most frequent (calls per request) |",
+             "|---|---|---|---:|---|"]
+    for entry in entries:
+        per = dict(entry["per_request"])
+        total = per.pop("total", 0.0)
+        top = ", ".join(f"{name} {count:.2f}" for name, count in list(per.items())[:6])
+        lines.append(f"| {entry['server']} | {entry['app']} | "
+                     f"{_keep_conn_label(entry['keep_conn'])} | {total:.2f} | {top} |")
+    return "\n".join(lines) + "\n"

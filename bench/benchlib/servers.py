@@ -40,6 +40,7 @@ class Server:
     peer: Optional[str]  # the package it comes from in the peers' virtualenv, if any
     argv: Callable[[Context], List[str]]
     env: Callable[[Context], Dict[str, str]]
+    nginx_params: str = ""  # extra fastcgi_param lines (php-fpm needs SCRIPT_FILENAME)
 
     @property
     def keep_conn_variants(self) -> List[Optional[bool]]:
@@ -98,6 +99,44 @@ def _gunicorn_argv(ctx: Context) -> List[str]:
     ]
 
 
+PHP_SCRIPT = BENCH_DIR / "php" / "index.php"
+
+
+def php_fpm_binary() -> Optional[str]:
+    """Debian names the binary after the PHP version (``php-fpm8.2``); take the newest."""
+    for directory in ("/usr/sbin", "/usr/local/sbin"):
+        found = sorted(Path(directory).glob("php-fpm*"), reverse=True)
+        for candidate in found:
+            if os.access(candidate, os.X_OK):
+                return str(candidate)
+    return None
+
+
+def _php_fpm_argv(ctx: Context) -> List[str]:
+    """php-fpm with ``pm = static`` and two children, the same pages in PHP (opcache on, as
+    Debian's php-fpm ships it). Its config is written beside the socket for each start."""
+    binary = php_fpm_binary()
+    if binary is None:
+        raise RuntimeError("php-fpm is not installed (Debian package php-fpm)")
+    conf = ctx.socket.with_suffix(f".{ctx.app}.php-fpm.conf")
+    as_root = os.geteuid() == 0
+    conf.write_text(
+        "[global]\n"
+        f"pid = {ctx.socket.with_suffix('.php-fpm.pid')}\n"
+        f"error_log = {ctx.socket.with_suffix('.php-fpm.log')}\n"
+        "daemonize = no\n"
+        "[bench]\n"
+        + ("user = root\ngroup = root\n" if as_root else "")
+        + f"listen = {ctx.socket}\n"
+        "listen.mode = 0666\n"
+        "listen.backlog = 1024\n"
+        "pm = static\n"
+        f"pm.max_children = {WORKERS}\n"
+        f"env[BENCH_APP] = {ctx.app}\n"
+    )
+    return [binary, "--nodaemonize", "--fpm-config", str(conf)] + (["-R"] if as_root else [])
+
+
 SERVERS: Dict[str, Server] = {
     server.name: server
     for server in (
@@ -106,6 +145,8 @@ SERVERS: Dict[str, Server] = {
         Server("flup-threaded", "fastcgi", "flup", _flup_argv("threaded"), _plain_env),
         Server("uwsgi", "fastcgi", "uwsgi", _uwsgi_argv, _plain_env),
         Server("gunicorn", "http", "gunicorn", _gunicorn_argv, _plain_env),
+        Server("php-fpm", "fastcgi", None, _php_fpm_argv, _plain_env,
+               nginx_params=f"\n        fastcgi_param SCRIPT_FILENAME {PHP_SCRIPT};"),
     )
 }
 SUBJECT = "fcgi-manager"
