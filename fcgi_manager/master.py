@@ -584,6 +584,7 @@ class Master:
         note_r, note_w = os.pipe()
         self.board.assign(slot, 0, self.generation)
         max_requests = self._max_requests()
+        master_pid = os.getpid()
         try:
             pid = os.fork()
         except OSError as exc:
@@ -598,7 +599,7 @@ class Master:
             try:
                 os.close(out_r)
                 os.close(note_r)
-                code = self._child_main(slot, out_w, note_w, max_requests)
+                code = self._child_main(slot, out_w, note_w, max_requests, master_pid)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:
@@ -624,8 +625,13 @@ class Master:
         log.debug("spawned %s, generation %d", rec.name(), self.generation)
         return rec
 
-    def _child_main(self, slot: int, out_w: int, note_w: int, max_requests: int) -> int:
-        """In the forked worker: clean up what belongs to the master, then serve."""
+    def _child_main(self, slot: int, out_w: int, note_w: int, max_requests: int,
+                    master_pid: int) -> int:
+        """In the forked worker: clean up what belongs to the master, then serve.
+
+        "Did the master die between fork and here?" compares the parent with the master's
+        own pid, not with 1: in a container without an init the master *is* pid 1.
+        """
         signal.set_wakeup_fd(-1)
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
@@ -653,7 +659,7 @@ class Master:
         for fd in self.child_close_fds:
             _close_quietly(fd)
         _set_pdeathsig(signal.SIGTERM)
-        if os.getppid() == 1:
+        if os.getppid() != master_pid:
             return 0  # the master died between fork and here
         self.user.drop()
         app = self.app
@@ -830,6 +836,15 @@ class Master:
             rec = self.workers.pop(pid, None)
             if rec is not None:
                 self._on_exit(rec, status)
+            else:
+                self._on_orphan_exit(pid, status)
+
+    def _on_orphan_exit(self, pid: int, status: int) -> None:
+        """A child that is not a worker: as pid 1 of a container (or a subreaper) the
+        kernel hands the master every orphan, such as the grandchild of an app that
+        double-forks. Reaping it here is what keeps it from staying a zombie."""
+        log.info("reaped pid %d, not a worker (a process the app left behind) that %s",
+                 pid, describe_exit(status))
 
     def _on_exit(self, rec: WorkerRecord, status: int) -> None:
         assert self.board is not None
