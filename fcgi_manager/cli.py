@@ -305,9 +305,11 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 def cmd_stop(args: argparse.Namespace) -> int:
     cfg = _load(args)
     pid = None
+    drain = 0.0 if args.now else cfg.manager.shutdown_delay  # what the master will wait
     try:
         result = control.call(cfg.manager.control, "stop", {"now": bool(args.now)})
         pid = int(result.get("pid") or 0) or None
+        drain = float(result.get("drain_s", drain) or 0.0)
     except ControlError:
         pid = _master_pid(cfg)
         if pid is None:
@@ -320,7 +322,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if pid is None:
         print("fcgi-manager stopped")
         return 0
-    grace = 5.0 if args.now else cfg.workers.graceful_timeout + 5.0
+    if drain:
+        print(f"draining for {drain:.0f} s (manager.shutdown_delay: the ping path answers "
+              f"503), then stopping gracefully")
+        sys.stdout.flush()
+    grace = 5.0 if args.now else drain + cfg.workers.graceful_timeout + 5.0
     if not _wait_gone(pid, grace):
         print(f"fcgi-manager (pid {pid}) did not stop in {grace:.0f} s: killing it",
               file=sys.stderr)

@@ -142,6 +142,7 @@ class Master:
         self.queue = -1
         self.target = cfg.workers.effective_count if cfg.workers.mode != "ondemand" else 0
         self.stopping: Optional[str] = None  # None, "graceful", "now"
+        self.draining_until = 0.0  # monotonic end of manager.shutdown_delay, once asked to stop
         self.stop_deadline = 0.0
         self.failures = 0
         self.last_failure_at = 0.0  # monotonic time of the last quick failure
@@ -364,7 +365,9 @@ class Master:
             return status_mod.snapshot(self.cfg, self.board)  # type: ignore[arg-type]
         if name == "stop":
             self.stop(bool(args.get("now")))
-            return {"stopping": True, "pid": os.getpid()}
+            return {"stopping": True, "pid": os.getpid(),
+                    "drain_s": max(0.0, self.draining_until - time.monotonic())
+                    if self.draining_until else 0.0}
         if name == "reopen-logs":
             error = self.log_handler.reopen()
             if error:
@@ -381,6 +384,37 @@ class Master:
     def stop(self, now: bool) -> None:
         if self.stopping == "now" or (self.stopping and not now):
             return
+        if not now and self.cfg.manager.shutdown_delay > 0:
+            self._drain()
+            return
+        self._begin_stop(now)
+
+    def _drain(self) -> None:
+        """The first phase of a graceful stop with ``manager.shutdown_delay``: the ping
+        path answers 503 "draining" while every other request is served as before, so
+        that load balancers (a Kubernetes readiness probe, an nginx health check) take
+        this instance out before it stops accepting. The tick begins the stop itself
+        when the delay is over; ``stop --now`` or INT cuts it short."""
+        if self.draining_until:
+            log.info("already draining: the graceful stop begins in %.1f s",
+                     max(0.0, self.draining_until - time.monotonic()))
+            return
+        delay = self.cfg.manager.shutdown_delay
+        self.draining_until = time.monotonic() + delay
+        self.board.set_draining(True)  # type: ignore[union-attr]
+        self._notify_systemd("STOPPING=1")
+        log.info("draining: the ping path answers 503 for %.1f s (manager.shutdown_delay) "
+                 "while requests are still served; then the graceful stop", delay)
+
+    def _end_drain(self, now: float) -> None:
+        if self.draining_until and now >= self.draining_until and not self.stopping:
+            log.info("shutdown_delay is over: stopping gracefully")
+            self._begin_stop(False)
+
+    def _begin_stop(self, now: bool) -> None:
+        self.draining_until = 0.0
+        if self.board is not None:
+            self.board.set_draining(True)  # pings on kept connections say so too
         self.stopping = "now" if now else "graceful"
         grace = 0.0 if now else self.cfg.workers.graceful_timeout
         self.stop_deadline = time.monotonic() + grace
@@ -414,7 +448,7 @@ class Master:
         return {"workers": new, "was": old}
 
     def reload(self, client: Optional[socket.socket]) -> None:
-        if self.stopping:
+        if self.stopping or self.draining_until:
             raise FcgiManagerError("cannot reload: the master is stopping")
         if self.reloading_from is not None:
             if client is not None:
@@ -1045,6 +1079,7 @@ class Master:
     # -- the periodic tick -------------------------------------------------------------
 
     def _tick(self, now: float) -> None:
+        self._end_drain(now)
         if not self.stopping:
             if self.failures:
                 self._check_recovered(now)

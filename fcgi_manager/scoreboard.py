@@ -4,7 +4,9 @@ Created by the master before it forks (an anonymous ``MAP_SHARED`` mapping, or a
 that survives the master re-executing itself on reload). Layout::
 
     header  (HEADER_SIZE bytes)  written by the master only: its pid, generation, totals,
-                                 listen queue; read by workers for the status page
+                                 listen queue; read by workers for the status page;
+                                 its last 8 bytes are flags (draining: the ping path
+                                 answers 503 once a stop is asked for)
     slot[i] (SLOT_SIZE bytes)    one per worker id; written by that worker on every state
                                  change, by the master when it assigns or frees the slot
 
@@ -35,6 +37,11 @@ HEADER = struct.Struct(
     " I I"  # target worker count, backoff (ms) now
 )
 HEADER_SIZE = 256
+# Pool-wide flags, at the end of the header area so the header's layout can grow up to
+# them. Workers read them where they need them (the ping path), at no cost elsewhere.
+FLAGS = struct.Struct("=I")
+FLAGS_OFF = HEADER_SIZE - 8
+FLAG_DRAINING = 1  # a stop was asked for: the ping path answers 503 "draining"
 HEADER_FIELDS = (
     "master_pid", "generation", "started_at",
     "accepted_dead", "respawns", "crashes", "timeouts", "slow", "recycled", "shed_dead",
@@ -55,7 +62,7 @@ COUNTERS = struct.Struct("=Q I I")  # shed, slow-dumped request number, spare
 COUNTERS_OFF = SAMPLE_OFF + SAMPLE.size
 SLOT_SIZE = 320
 assert COUNTERS_OFF + COUNTERS.size <= SLOT_SIZE
-assert HEADER.size <= HEADER_SIZE
+assert HEADER.size <= FLAGS_OFF
 
 _BUSY = STATE_CODES[WorkerState.BUSY]
 _IDLE = STATE_CODES[WorkerState.IDLE]
@@ -84,6 +91,14 @@ class Scoreboard:
 
     def write_header(self, values: Dict[str, float]) -> None:
         HEADER.pack_into(self.mem, 0, *(values[name] for name in HEADER_FIELDS))
+
+    def set_draining(self, on: bool) -> None:
+        (flags,) = FLAGS.unpack_from(self.mem, FLAGS_OFF)
+        flags = flags | FLAG_DRAINING if on else flags & ~FLAG_DRAINING
+        FLAGS.pack_into(self.mem, FLAGS_OFF, flags)
+
+    def draining(self) -> bool:
+        return bool(FLAGS.unpack_from(self.mem, FLAGS_OFF)[0] & FLAG_DRAINING)
 
     def assign(self, slot: int, pid: int, generation: int) -> None:
         """Give ``slot`` to a new worker (before it runs, so it is visible at once)."""
@@ -180,6 +195,10 @@ class SlotWriter:
 
     def set_state(self, state: WorkerState) -> None:
         self.mem[self._req_off] = STATE_CODES[state]
+
+    def draining(self) -> bool:
+        """Has the master been asked to stop? (one read of shared memory: no IPC)"""
+        return bool(FLAGS.unpack_from(self.mem, FLAGS_OFF)[0] & FLAG_DRAINING)
 
     def count_shed(self) -> None:
         self.shed += 1

@@ -685,6 +685,9 @@ class Worker:
                 return None  # the common case, decided without decoding the path
             path = request_path(params)
             if path and path == self.ping_path:
+                if self.slot.draining():  # a stop is coming: balancers, take us out
+                    return ("503 Service Unavailable", b"draining\n",
+                            "text/plain; charset=utf-8", [("Cache-Control", "no-store")])
                 return ("200 OK", self.ping_body, "text/plain; charset=utf-8",
                         [("Cache-Control", "no-store")])
             if path and path == self.status_path and self.status_page is not None:
