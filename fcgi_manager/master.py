@@ -171,6 +171,7 @@ class Master:
         Every failure raises a FcgiManagerError whose message ``start`` prints.
         """
         cfg = self.cfg
+        _stop_signals_end_the_start()
         resume = self._take_resume_state()
         if resume is None:
             self.listener = sockets.create_listener(self.address, cfg.listen.backlog,
@@ -1293,6 +1294,23 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+def _stop_signals_end_the_start() -> None:
+    """As PID 1 (a container without an init) the kernel drops every signal whose
+    handler is the default: a TERM sent while the app is being imported would be lost,
+    and the container runtime would wait its whole grace period before SIGKILL. Until
+    :meth:`Master.run` installs the loop's handlers, TERM and QUIT end the start, at
+    once (an exception could be taken for the app's own import error, or caught by it)."""
+    if os.getpid() != 1:
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        os.write(2, f"fcgi-manager: got {name} while starting, as PID 1: exiting\n".encode())
+        os._exit(128 + signum)
+    for sig in (signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(sig, stop)
 
 
 def _set_pdeathsig(sig: int) -> None:

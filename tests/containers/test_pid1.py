@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Iterator, List
 
@@ -99,3 +100,22 @@ def test_orphans_the_app_leaves_are_reaped(tmp_path: Path,
     assert fcgi_request(f"unix:{paths['socket']}", "/hello").status_code == 200
     master.signal(signal.SIGTERM)
     assert master.wait_exit(30) == 0, master.text()
+
+
+def test_term_while_the_app_is_imported_ends_the_start(tmp_path: Path,
+                                                      masters: List[Pid1Master]) -> None:
+    """PID 1 gets no default signal action: TERM during a slow import must still stop it
+    at once, instead of waiting for the runtime's SIGKILL."""
+    started, release = tmp_path / "started", tmp_path / "release"
+    inst = write_config(tmp_path, "boot", module="slow_boot:app", count=1,
+                        app={"preload": True, "env": {"SLOW_BOOT_STARTED": str(started),
+                                                      "SLOW_BOOT_RELEASE": str(release)}})
+    master = Pid1Master(inst["paths"]["config"]).start()
+    masters.append(master)
+    wait_for(started.exists, 20, "the import to begin")
+    began = time.monotonic()
+    master.signal(signal.SIGTERM)
+    assert master.wait_exit(10) == 128 + signal.SIGTERM, master.text()
+    assert time.monotonic() - began < 5
+    assert not release.exists()
+    assert "got SIGTERM while starting, as PID 1: exiting" in master.text()
