@@ -442,6 +442,13 @@ class Worker:
             self._accepting = True
         for conn in list(self.conns.values()):
             if conn.deadline and now > conn.deadline:
+                if not conn.mid_request() and self._ready_now(conn.fd):
+                    # Its request came while this worker was held (a long request, a
+                    # stalled write): the lateness is ours. Closing it now, with the
+                    # request unread, would reset the web server's connection; the next
+                    # poll serves it. Only once: after a read it is mid-request.
+                    conn.deadline = now + self.read_timeout
+                    continue
                 if conn.mid_request():
                     log.warning("dropped a connection that sent an incomplete request for "
                                 "%.0f s (read timeout)", self.read_timeout)
