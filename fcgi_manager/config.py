@@ -2,18 +2,34 @@
 
 Each ``[section]`` of the file is one dataclass; every field has a default except
 ``app.module``. Unknown keys and wrong types are errors (a typo must never be silently
-ignored). Relative paths are made absolute against the config file's directory, so the
-master can ``chdir`` and daemonize without changing their meaning.
+ignored), with the closest key suggested (``difflib``, so the same typo always gets the
+same answer) or the section the key belongs in. Relative paths are made absolute against
+the config file's directory, so the master can ``chdir`` and daemonize without changing
+their meaning.
+
+Where a value comes from, highest first (as gunicorn and twelve-factor apps expect):
+
+1. command-line flags (``run -w 8``) and ``WSGIServer(app, count=8)`` keywords;
+2. the environment: ``FCGI_MANAGER_<SECTION>_<KEY>=value`` (the value is read as a TOML
+   value, or taken as a plain string when it is not one), and ``WEB_CONCURRENCY`` for
+   ``workers.count`` when nothing else sets it;
+3. the config file;
+4. the defaults below.
+
+Relative paths given by flags or the environment are relative to the current directory.
+Every key remembers what set it (``Config.origin``), so errors and ``fcgi-manager config``
+can name the variable or flag instead of the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import ConfigError
 
@@ -107,9 +123,16 @@ class Config:
     status: StatusConfig = field(default_factory=StatusConfig)
     manager: ManagerConfig = field(default_factory=ManagerConfig)
     source: str = ""  # the config file, "" when built from the command line
+    # "section.key" -> what set it when not the file or a default ("--workers",
+    # "FCGI_MANAGER_WORKERS_COUNT", "WEB_CONCURRENCY"); file keys map to "file".
+    origins: Tuple[Tuple[str, str], ...] = field(default=(), compare=False)
 
     def replace(self, **sections: Any) -> Config:
         return dataclasses.replace(self, **sections)
+
+    def origin(self, key: str) -> str:
+        """What set ``key`` ("workers.count"): "default", "file", a flag or a variable."""
+        return dict(self.origins).get(key, "default")
 
 
 SECTIONS = {
@@ -123,15 +146,18 @@ SECTIONS = {
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 MODES = ("static", "dynamic", "ondemand")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 1000**2, "MB": 1000**2,
-               "MIB": 1024**2, "G": 1000**3, "GB": 1000**3, "GIB": 1024**3, "T": 1000**4,
-               "TB": 1000**4, "TIB": 1024**4}
+# K, M, G (and KiB, MiB, GiB) are powers of 1024, as nginx, php-fpm and systemd read
+# them; only the explicit SI spellings KB, MB, GB are powers of 1000.
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "KIB": 1024, "KB": 1000, "M": 1024**2,
+               "MIB": 1024**2, "MB": 1000**2, "G": 1024**3, "GIB": 1024**3, "GB": 1000**3,
+               "T": 1024**4, "TIB": 1024**4, "TB": 1000**4}
+SIZE_KEYS = ("workers.max_memory", "workers.max_body_in_memory", "workers.max_body")
 
 
 def parse_size(value: Any, where: str) -> int:
-    """``"512MiB"``, ``"1MB"``, ``1048576`` -> bytes."""
+    """``"512M"`` and ``"512MiB"`` (both 512 x 1024²), ``"1MB"`` (10⁶), ``1048576`` -> bytes."""
     if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a size like \"512MiB\", got {value!r}")
+        raise ConfigError(f"{where}: expected a size like \"512M\", got {value!r}")
     if isinstance(value, int):
         if value < 0:
             raise ConfigError(f"{where}: must not be negative")
@@ -145,7 +171,9 @@ def parse_size(value: Any, where: str) -> int:
             if unit in _SIZE_UNITS:
                 return int(float(m.group(1)) * _SIZE_UNITS[unit])
     raise ConfigError(
-        f"{where}: cannot read {value!r} as a size", hint='write it like "512MiB", "64KiB" or 0'
+        f"{where}: cannot read {value!r} as a size",
+        hint='write it like "512M" (= 512MiB), "64K" or a number of bytes; K, M and G are '
+             'powers of 1024'
     )
 
 
@@ -168,12 +196,16 @@ def _resolve_path(path: str, base: str) -> str:
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
 
 
-def _convert(section: str, key: str, value: Any, source: str, base: str) -> Any:
+def _convert(section: str, key: str, value: Any, source: str, base: str,
+             where: str = "") -> Any:
     """Check one key's type and turn it into the dataclass field's value."""
-    where = _where(source, f"{section}.{key}")
+    where = where or _where(source, f"{section}.{key}")
     full = f"{section}.{key}"
-    if full in ("workers.max_memory", "workers.max_body_in_memory", "workers.max_body"):
+    if full in SIZE_KEYS:
         return parse_size(value, where)
+    if full == "listen.bind":
+        return _resolve_bind(_expect(value, (str,), where, 'an address like "unix:/run/app.sock"'),
+                             base)
     if full == "app.path":
         if isinstance(value, str):
             value = [value]
@@ -220,9 +252,24 @@ def _convert(section: str, key: str, value: Any, source: str, base: str) -> Any:
     return _expect(value, (str,), where, "a string")
 
 
+def _resolve_bind(bind: str, base: str) -> str:
+    """A relative unix socket path is relative to ``base``; a bare path means a unix socket."""
+    if bind.startswith("unix:") and not os.path.isabs(bind[5:]):
+        return "unix:" + os.path.normpath(os.path.join(base, bind[5:]))
+    if bind.startswith("/") or bind.startswith("./"):
+        return "unix:" + os.path.normpath(os.path.join(base, bind))
+    return bind
+
+
 def _check(cfg: Config, source: str) -> None:
     """Rules that span a value's range or several keys."""
+    origins = dict(cfg.origins)
+
     def err(key: str, msg: str, hint: str = "") -> ConfigError:
+        origin = origins.get(key, "default")
+        if origin not in ("file", "default", key):
+            section, _, name = key.partition(".")
+            return ConfigError(f"{origin} ([{section}] {name}): {msg}", hint)
         return ConfigError(f"{_where(source, key)}: {msg}", hint)
 
     app, w, m, li = cfg.app, cfg.workers, cfg.manager, cfg.listen
@@ -275,32 +322,154 @@ def _check(cfg: Config, source: str) -> None:
         raise err("app.script_name", f"must start with '/' (or be \"\"), got {app.script_name!r}")
 
 
-def build(data: Dict[str, Any], source: str = "", base: str = "") -> Config:
-    """Turn parsed TOML (or a dict built by the CLI or the Python API) into a Config."""
+def suggest_key(section: str, key: str) -> str:
+    """A hint for an unknown ``[section] key``: the section it belongs in, or the closest key.
+
+    ``difflib`` over sorted names makes the answer the same on every run (the first match
+    of a set's iteration order was not).
+    """
+    homes = [s for s, cls in SECTIONS.items() if s != section and key in _field_names(cls)]
+    if homes:
+        return f"{key} belongs in {' or '.join('[' + h + ']' for h in homes)}"
+    names = sorted(_field_names(SECTIONS[section])) if section in SECTIONS else []
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    elsewhere = sorted(f"{s}.{n}" for s, cls in SECTIONS.items() if s != section
+                       for n in _field_names(cls))
+    close = difflib.get_close_matches(key, [e.split(".", 1)[1] for e in elsewhere], n=1,
+                                      cutoff=0.75)
+    if close:
+        home = next(e.split(".")[0] for e in elsewhere if e.endswith("." + close[0]))
+        return f"did you mean {close[0]!r}? it belongs in [{home}]"
+    return f"[{section}] knows {', '.join(names)}"
+
+
+def _field_names(cls: type) -> List[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _suggest_section(name: str) -> str:
+    close = difflib.get_close_matches(name, sorted(SECTIONS), n=1, cutoff=0.6)
+    listed = ", ".join("[" + s + "]" for s in SECTIONS)
+    return f"did you mean [{close[0]}]? sections are {listed}" if close else \
+        f"sections are {listed}"
+
+
+@dataclass(frozen=True)
+class Override:
+    """One key set from outside the file: by a command-line flag or the environment."""
+
+    section: str
+    key: str
+    value: Any
+    origin: str  # what set it, named in errors: "--workers", "FCGI_MANAGER_WORKERS_COUNT"
+    text: bool = False  # an environment value: a TOML value, or else a plain string
+
+
+ENV_PREFIX = "FCGI_MANAGER_"
+# Our own variables in the same namespace, which are not settings.
+ENV_RESERVED = ("CONFIG", "RESUME", "RESUME_CONFIG", "RESUME_CWD", "REGISTRY")
+
+
+def environment_overrides(environ: Optional[Mapping[str, str]] = None) -> List[Override]:
+    """``FCGI_MANAGER_<SECTION>_<KEY>`` variables, sorted by name (a stable order)."""
+    environ = os.environ if environ is None else environ
+    out = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name[len(ENV_PREFIX):] in ENV_RESERVED:
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        section, _, key = rest.partition("_")
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(section, sorted(SECTIONS), n=1, cutoff=0.8)
+            if close:  # FCGI_MANAGER_WORKER_COUNT: a typo, not someone else's variable
+                raise ConfigError(
+                    f"environment variable {name}: there is no section [{section}]",
+                    f"did you mean {ENV_PREFIX}{close[0].upper()}_{key.upper()}?")
+            continue
+        if key not in _field_names(SECTIONS[section]):
+            hint = suggest_key(section, key) if key else ""
+            close = difflib.get_close_matches(key, sorted(_field_names(SECTIONS[section])),
+                                              n=1, cutoff=0.6)
+            if close and hint.startswith("did you mean"):
+                hint = f"did you mean {ENV_PREFIX}{section.upper()}_{close[0].upper()}?"
+            raise ConfigError(f"environment variable {name}: [{section}] has no key "
+                              f"{key!r}", hint)
+        out.append(Override(section, key, environ[name], name, text=True))
+    return out
+
+
+def _parse_env_value(text: str) -> Any:
+    """``8`` -> 8, ``true`` -> True, ``["a", "b"]`` -> a list; anything else stays text."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except (tomllib.TOMLDecodeError, ValueError):
+        return text
+
+
+def _convert_override(item: Override, base: str) -> Any:
+    if item.section not in SECTIONS or item.key not in _field_names(SECTIONS[item.section]):
+        raise ConfigError(f"{item.origin}: unknown setting [{item.section}] {item.key}",
+                          suggest_key(item.section, item.key))
+    full = f"{item.section}.{item.key}"
+    where = item.origin if item.origin == full else f"{item.origin} ([{item.section}] {item.key})"
+    if not item.text:
+        return _convert(item.section, item.key, item.value, "", base, where)
+    parsed = _parse_env_value(item.value)
+    try:
+        return _convert(item.section, item.key, parsed, "", base, where)
+    except ConfigError:
+        if parsed == item.value:
+            raise
+    try:  # "660" read as the number 660 is not a mode; the text "660" is
+        return _convert(item.section, item.key, item.value, "", base, where)
+    except ConfigError:
+        return _convert(item.section, item.key, parsed, "", base, where)
+
+
+def build(data: Dict[str, Any], source: str = "", base: str = "",
+          flags: Sequence[Override] = (), environ: Optional[Mapping[str, str]] = None
+          ) -> Config:
+    """Turn parsed TOML (or a dict built by the Python API) into a Config.
+
+    ``flags`` override the environment, which overrides ``data`` (see the module
+    docstring). ``environ`` defaults to ``os.environ``.
+    """
     base = base or os.getcwd()
-    sections: Dict[str, Any] = {}
+    values: Dict[str, Dict[str, Any]] = {s: {} for s in SECTIONS}
+    origins: Dict[str, str] = {}
     for section, value in data.items():
         if section not in SECTIONS:
-            raise ConfigError(
-                f"{source or 'config'}: unknown section [{section}]",
-                f"sections are {', '.join('[' + s + ']' for s in SECTIONS)}",
-            )
+            if not isinstance(value, dict):
+                homes = [s for s, cls in SECTIONS.items() if section in _field_names(cls)]
+                if homes:
+                    raise ConfigError(
+                        f"{source or 'config'}: {section} is outside any section",
+                        f"{section} belongs in {' or '.join('[' + h + ']' for h in homes)}")
+            raise ConfigError(f"{source or 'config'}: unknown section [{section}]",
+                              _suggest_section(section))
         if not isinstance(value, dict):
             raise ConfigError(f"{source or 'config'}: [{section}] must be a table")
-        cls = SECTIONS[section]
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
+        names = _field_names(SECTIONS[section])
         for key, item in value.items():
             if key not in names:
-                close = [n for n in names if n.startswith(key[:3])]
-                raise ConfigError(
-                    f"{_where(source, f'{section}.{key}')}: unknown key",
-                    f"did you mean {close[0]!r}?" if close else
-                    f"[{section}] knows {', '.join(sorted(names))}",
-                )
-            kwargs[key] = _convert(section, key, item, source, base)
-        sections[section] = cls(**kwargs)
-    cfg = Config(source=source, **sections)
+                raise ConfigError(f"{_where(source, f'{section}.{key}')}: unknown key",
+                                  suggest_key(section, key))
+            values[section][key] = _convert(section, key, item, source, base)
+            origins[f"{section}.{key}"] = "file"
+    cwd = os.getcwd()
+    for item in [*environment_overrides(environ), *flags]:
+        values[item.section][item.key] = _convert_override(item, cwd)
+        origins[f"{item.section}.{item.key}"] = item.origin
+    env = os.environ if environ is None else environ
+    concurrency = env.get("WEB_CONCURRENCY", "")
+    if concurrency and "workers.count" not in origins:
+        values["workers"]["count"] = _convert_override(
+            Override("workers", "count", concurrency, "WEB_CONCURRENCY", text=True), cwd)
+        origins["workers.count"] = "WEB_CONCURRENCY"
+    sections = {s: SECTIONS[s](**values[s]) for s in SECTIONS}
+    cfg = Config(source=source, origins=tuple(sorted(origins.items())), **sections)
     cfg = _fill_defaults(cfg, base)
     _check(cfg, source)
     return cfg
@@ -316,13 +485,7 @@ def _fill_defaults(cfg: Config, base: str) -> Config:
     control = m.control or os.path.splitext(pidfile)[0] + ".ctl"
     manager = dataclasses.replace(m, pidfile=pidfile, control=control,
                                   log_level=m.log_level.lower())
-    bind = cfg.listen.bind
-    if bind.startswith("unix:") and not os.path.isabs(bind[5:]):
-        bind = "unix:" + os.path.normpath(os.path.join(base, bind[5:]))
-    elif bind.startswith("/") or bind.startswith("./"):
-        bind = "unix:" + os.path.normpath(os.path.join(base, bind))
-    listen = dataclasses.replace(cfg.listen, bind=bind)
-    return cfg.replace(manager=manager, listen=listen)
+    return cfg.replace(manager=manager)
 
 
 def _default_name(cfg: Config) -> str:
@@ -349,12 +512,16 @@ def _runtime_dir() -> str:
     return "/tmp"
 
 
-def load(path: str) -> Config:
-    """Read and validate a TOML config file."""
-    path = os.path.abspath(path)
+# The flags of this process's command line, by config file: a reload re-reads the file
+# (in the master, long after the command line was parsed) and the flags still apply.
+_COMMAND_LINE: Dict[str, Tuple[Override, ...]] = {}
+
+
+def read_toml(path: str) -> Dict[str, Any]:
+    """The parsed file; ConfigError naming the file when it cannot be read or parsed."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist",
                           "pass the right file with -c or $FCGI_MANAGER_CONFIG") from None
@@ -366,23 +533,50 @@ def load(path: str) -> Config:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not valid UTF-8: {exc}") from None
-    return build(data, source=path, base=os.path.dirname(path))
+
+
+def load(path: str, flags: Optional[Sequence[Override]] = None) -> Config:
+    """Read and validate a TOML config file, with the environment and ``flags`` over it.
+
+    Without ``flags``, the flags this process was given for the same file apply (a
+    reload keeps ``run -c app.toml -w 8`` at 8 workers).
+    """
+    path = os.path.abspath(path)
+    if flags is None:
+        flags = _COMMAND_LINE.get(path, ())
+    else:
+        _COMMAND_LINE[path] = tuple(flags)
+    return build(read_toml(path), source=path, base=os.path.dirname(path), flags=flags)
+
+
+def option_overrides(options: Mapping[str, Any], origin: str = "{section}.{key}"
+                     ) -> List[Override]:
+    """Keyword options (``bind=...``, ``count=...``) as overrides.
+
+    Each option name is looked up in [listen], [workers], [app], [status], [manager] in
+    that order, so ``WSGIServer(app, max_requests=...)``-style callers can pass any key.
+    """
+    out = []
+    for key, value in options.items():
+        if value is None:
+            continue
+        for section in ("listen", "workers", "app", "status", "manager"):
+            if key in _field_names(SECTIONS[section]):
+                out.append(Override(section, key, value,
+                                    origin.format(section=section, key=key)))
+                break
+        else:
+            close = difflib.get_close_matches(
+                key, sorted({n for cls in SECTIONS.values() for n in _field_names(cls)}), n=1)
+            raise ConfigError(f"unknown option {key!r}",
+                              f"did you mean {close[0]!r}?" if close else "")
+    return out
 
 
 def from_options(module: str, **options: Any) -> Config:
     """A Config from keyword options (``run`` and the Python API): ``bind=...``, ``count=...``.
 
-    Each option name is looked up in [listen], [workers], [app], [status], [manager] in
-    that order, so ``WSGIServer(app, maxRequests=...)``-style callers can pass any key.
+    The options rank as command-line flags: above the environment and the defaults.
     """
-    data: Dict[str, Dict[str, Any]] = {"app": {"module": module}}
-    for key, value in options.items():
-        if value is None:
-            continue
-        for section in ("listen", "workers", "app", "status", "manager"):
-            if key in {f.name for f in dataclasses.fields(SECTIONS[section])}:
-                data.setdefault(section, {})[key] = value
-                break
-        else:
-            raise ConfigError(f"unknown option {key!r}")
-    return build(data)
+    flags = [Override("app", "module", module, "app.module"), *option_overrides(options)]
+    return build({}, flags=flags)
