@@ -1,37 +1,51 @@
 """``fcgi-manager check``: the "premature end of script headers" debugger.
 
 It does what the master and a worker would do, in the foreground, and says where it
-breaks: read the config; import the app as ``manager.user``, in ``app.chdir``, with
-``app.env``; start one real worker on a private unix socket; send one request through the
-whole FastCGI path with our own client; print the status line and headers, or the
-traceback with a hint.
+breaks: read the config; check that the bind address can be used (its directory exists
+and is writable, the socket owner can be set, no other live process holds it); import the
+app as ``manager.user``, in ``app.chdir``, with ``app.env``; start one real worker on a
+private unix socket; send one request through the whole FastCGI path with our own client;
+print the status line, headers and the start of the body, or the traceback with a hint.
+A healthy app gets no warning: the worker is stopped the way the master stops one.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
 import socket
 import sys
 import tempfile
-from typing import Any
+from typing import Any, List, Tuple
 
-from . import client, logs
+from . import client, daemon, logs
 from .appload import load_app, prepare_import
 from .config import Config
 from .errors import AppImportError, FcgiManagerError
 from .privileges import apply_environment, resolve_user
 from .scoreboard import Scoreboard, SlotWriter
-from .sockets import Address
+from .sockets import Address, parse_address
+
+BODY_SHOWN = 2048  # bytes of the response body printed
 
 
 def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def run_check(cfg: Config) -> int:
+def run_check(cfg: Config, path: str = "/") -> int:
     _say(f"config   {cfg.source}: ok")
+    problems, notes = bind_problems(cfg)
+    for note in notes:
+        _say(f"bind     {note}")
+    if problems:
+        for problem, hint in problems:
+            print(f"Error: {problem}", file=sys.stderr)
+            if hint:
+                print(f"hint: {hint}", file=sys.stderr)
+        return 1
     _say(f"app      {cfg.app.module}  (python {sys.version.split()[0]} at {sys.executable})")
     user = resolve_user(cfg.manager.user, cfg.manager.group)
     apply_environment(cfg.app)
@@ -51,10 +65,111 @@ def run_check(cfg: Config) -> int:
             print(f"hint: {exc.hint}", file=sys.stderr)
         return 1
     _say(f"import   ok (cwd {os.getcwd()}{', as ' + cfg.manager.user if user.switching else ''})")
-    return _one_request(cfg, app, user)
+    return _one_request(cfg, app, user, path)
 
 
-def _one_request(cfg: Config, app: Any, user: Any) -> int:
+Problem = Tuple[str, str]  # what is wrong, what to do
+
+
+def bind_problems(cfg: Config) -> Tuple[List[Problem], List[str]]:
+    """Whether ``listen.bind`` can be used by a master started now: (problems, notes)."""
+    address = parse_address(cfg.listen.bind)
+    running = daemon.read_pidfile(cfg.manager.pidfile)
+    ours = running if running and daemon.pid_alive(running) else None
+    if address.kind == "unix":
+        return _unix_problems(cfg, address.path, ours)
+    if address.kind == "tcp":
+        return _tcp_problems(address, ours)
+    return [], [f"{cfg.listen.bind}: the socket is passed in at start; nothing to check"]
+
+
+def _unix_problems(cfg: Config, path: str, ours: Any) -> Tuple[List[Problem], List[str]]:
+    directory = os.path.dirname(path) or "."
+    li = cfg.listen
+    if not os.path.isdir(directory):
+        return [(f"listen.bind {path}: the directory {directory} does not exist",
+                 f"create it: mkdir -p {directory}")], []
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return [(f"listen.bind {path}: this user (uid {os.geteuid()}) cannot create files in "
+                 f"{directory}", "start as the directory's owner, or choose a directory "
+                 "this user can write to")], []
+    problems: List[Problem] = []
+    if li.owner and os.geteuid() != 0:
+        try:
+            import pwd
+
+            uid = pwd.getpwnam(li.owner).pw_uid if not li.owner.isdigit() else int(li.owner)
+        except KeyError:
+            uid = -1
+        if uid != os.geteuid():
+            problems.append((f"listen.owner = {li.owner!r}: only root can give the socket to "
+                             "another user", "remove listen.owner and set listen.group to "
+                             "the web server's group (if you are a member), or start as root"))
+    if li.group and os.geteuid() != 0:
+        import grp
+
+        try:
+            gid = grp.getgrnam(li.group).gr_gid if not li.group.isdigit() else int(li.group)
+        except KeyError:
+            gid = -1
+        if gid != os.getegid() and gid not in os.getgroups():
+            problems.append((f"listen.group = {li.group!r}: this user is not a member, so "
+                             "it cannot give the socket to that group",
+                             f"add this user to {li.group}, or start as root"))
+    notes = [f"{path}: ok (directory {directory} exists and is writable)"]
+    if os.path.exists(path):
+        if _unix_live(path):
+            if ours:
+                notes = [f"{path}: served by this config's running master (pid {ours})"]
+            else:
+                problems.append((f"listen.bind {path}: held by another live process",
+                                 "stop it, or choose another path"))
+        else:
+            notes.append(f"{path}: a stale socket file; it will be replaced at start")
+    return problems, notes
+
+
+def _unix_live(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+        return True
+    except socket.timeout:
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def _tcp_problems(address: Address, ours: Any) -> Tuple[List[Problem], List[str]]:
+    host = address.host or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    where = f"{address}"
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, address.port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            if ours:
+                return [], [f"{where}: served by this config's running master (pid {ours})"]
+            return [(f"listen.bind {where}: the address is in use by another process",
+                     "stop it, or choose another port")], []
+        if exc.errno == errno.EACCES:
+            return [(f"listen.bind {where}: ports below 1024 need root",
+                     "use a port of 1024 or more, or start as root")], []
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return [(f"listen.bind {where}: {host} is not an address of this host",
+                     "use 127.0.0.1, ::1 or one of this host's addresses")], []
+        return [(f"listen.bind {where}: {exc.strerror or exc}", "")], []
+    finally:
+        probe.close()
+    return [], [f"{where}: ok (free)"]
+
+
+def _one_request(cfg: Config, app: Any, user: Any, request_path: str = "/") -> int:
     from .worker import Worker
 
     tmp = tempfile.mkdtemp(prefix="fcgi-manager-check-")
@@ -86,7 +201,9 @@ def _one_request(cfg: Config, app: Any, user: Any) -> int:
     try:
         os.read(note_r, 16)  # wait until the worker is ready (or died)
         script = cfg.app.script_name or ""
-        target = (script or "") + "/"
+        if not request_path.startswith("/"):
+            request_path = "/" + request_path
+        target = script + request_path
         params = client.build_params(target, "GET", {"User-Agent": "fcgi-manager check"},
                                      script_name=script)
         try:
@@ -100,6 +217,7 @@ def _one_request(cfg: Config, app: Any, user: Any) -> int:
              f"{len(reply.body)} bytes)")
         for name, value in reply.headers:
             _say(f"         {name}: {value}")
+        _show_body(reply.body)
         if reply.stderr:
             _say("stderr   " + reply.stderr.decode("utf-8", "replace").rstrip())
         code = 0 if reply.status[:1] in "123" or reply.status[:3] == "404" else 1
@@ -113,12 +231,26 @@ def _one_request(cfg: Config, app: Any, user: Any) -> int:
             _say("healthy")
         return code
     finally:
-        os.close(death_w)
-        os.close(note_r)
+        # Stop the worker as the master does (TERM), and only then close its pipe to us:
+        # the other way round it would see "the master process is gone" and warn.
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
         os.waitpid(pid, 0)
+        os.close(death_w)
+        os.close(note_r)
         listener.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _show_body(body: bytes) -> None:
+    if not body:
+        _say("         (empty body)")
+        return
+    _say("")
+    text = body[:BODY_SHOWN].decode("utf-8", "replace")
+    for line in text.splitlines() or [""]:
+        _say("         " + line)
+    if len(body) > BODY_SHOWN:
+        _say(f"         ... ({len(body) - BODY_SHOWN} more bytes)")

@@ -17,12 +17,12 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import __version__, control, daemon
+from . import __version__, control, daemon, progress, registry, run_flags, target
 from . import config as config_mod
 from . import status as status_mod
-from .errors import AppImportError, ControlError, FcgiManagerError
+from .errors import AppImportError, ConfigError, ControlError, FcgiManagerError
 from .sockets import parse_address
 
 EXIT_USAGE = 2
@@ -32,17 +32,92 @@ DESCRIPTION = """\
 A prefork FastCGI process manager for Python WSGI apps.
 
 commands:
-  run MODULE:APP    serve an app in the foreground, no config file needed
+  run MODULE:APP    serve an app in the foreground (gunicorn's flags; -c optional)
   start             start the master in the background (--foreground: stay)
   stop              graceful stop (--now: within 5 s)
   restart           stop, then start
   reload            re-read the config, replace workers with fresh code
-  status            show the master and its workers (--json, --watch)
+  status            show the master and its workers (--json, --watch, --all)
   scale N|+1|-1     change the number of workers
-  reopen-logs       reopen the log file (logrotate)
+  reopen-logs       reopen the log files (logrotate)
+  config            print the effective configuration as TOML
   check             validate the config and run one request through the app
   request PATH      send a FastCGI request to the running socket and print the answer
+
+Settings come from flags > environment (FCGI_MANAGER_<SECTION>_<KEY>, WEB_CONCURRENCY)
+> the config file > defaults. `fcgi-manager COMMAND --help` says more, with exit statuses.
 """
+
+# What each command does and how it exits, for its --help (summary, description, exits).
+HELP: Dict[str, Tuple[str, str, str]] = {
+    "run": (
+        "serve MODULE:APP in the foreground",
+        "Serve MODULE:APP in the foreground until Ctrl-C or SIGTERM: no config file needed "
+        "(the quick start). With -c, the file is loaded and these flags override it. The "
+        "flags are gunicorn's; each sets one config key.",
+        "0 after a clean stop\n1 the app, the address or the pidfile failed\n"
+        "2 usage error"),
+    "start": (
+        "start the master in the background",
+        "Start the master in the background and return when every worker is ready, or "
+        "print why it could not start (the app's traceback, a bind or permission error). "
+        "--foreground stays in the foreground, for Supervisor, systemd and containers.",
+        "0 started, or already running\n1 failed (the reason is printed)\n2 usage error"),
+    "stop": (
+        "graceful stop",
+        "Stop accepting, let requests in flight finish within workers.graceful_timeout, "
+        "then kill what is left; wait until the master has exited. On a terminal, shows "
+        "what it waits for. Works with a broken config file (the running master's own "
+        "paths are used) and with --pidfile for `run` and WSGIServer masters.",
+        "0 stopped, or was not running\n1 the master could not be found or stopped"),
+    "restart": (
+        "stop, then start",
+        "Stop the master (gracefully), then start it again with the config on disk.",
+        "as start"),
+    "reload": (
+        "replace every worker with freshly imported code",
+        "Re-read the config and replace every worker with one running freshly imported "
+        "code, without closing the listening socket and without failing a request. A "
+        "config or import error keeps the old workers serving and is printed. On a "
+        "terminal, shows what it waits for.",
+        "0 reloaded\n1 refused (the config or the app is broken; old workers keep "
+        "serving), or not running"),
+    "status": (
+        "show the master and its workers",
+        "Show the master and each worker with its current request. --all lists every "
+        "master this user can reach. Works with a broken config file and with --pidfile.",
+        "0 running\n1 dead, but the pidfile exists\n3 not running\n"
+        "4 unknown: no answer, or no way to tell (these are the LSB codes)"),
+    "scale": (
+        "change the number of workers: N, +1, -1",
+        "Change the number of workers at run time. A reload keeps the scaled count unless "
+        "workers.count changed in the file, which then wins (the log says so).",
+        "0 scaled\n1 refused, or not running"),
+    "reopen-logs": (
+        "reopen the log files",
+        "Reopen the log and access log files (logrotate's postrotate; SIGUSR1 does the "
+        "same).",
+        "0 reopened\n1 failed, or not running"),
+    "config": (
+        "print the effective configuration as TOML",
+        "Print every key with the value in force after defaults, the config file, the "
+        "environment (FCGI_MANAGER_<SECTION>_<KEY>, WEB_CONCURRENCY) and the flags, which "
+        "are those of `run`. A key not set by the file says what set it.",
+        "0 printed\n1 the configuration has an error (printed)"),
+    "check": (
+        "validate the config, import the app, run one request",
+        "Validate the config; check that the bind address can be used; import the app as "
+        "manager.user, in app.chdir, with app.env; pass one request through a real worker "
+        "and the full FastCGI path; print the response (status, headers, the first 2 KiB "
+        "of the body) or the traceback, and what to fix.",
+        "0 healthy\n1 not (the reason is printed)"),
+    "request": (
+        "send one FastCGI request and print the response",
+        "Be a FastCGI client of the running socket, with curl's habits: -d sends a body "
+        "(@file, @- for stdin), -X sets the method, -H adds headers, -i prints the status "
+        "and headers, --fail exits 22 on a status of 400 or more.",
+        "0 got a response\n1 no response\n2 usage error\n22 --fail and a status >= 400"),
+}
 
 
 def _error(exc: FcgiManagerError) -> str:
@@ -59,6 +134,27 @@ def _print_error(exc: FcgiManagerError) -> None:
     print(_error(exc), file=sys.stderr)
 
 
+def _subparser(sub: Any, name: str) -> argparse.ArgumentParser:
+    import textwrap
+
+    summary, description, exits = HELP[name]
+    exits = "\n".join("  " + line for line in exits.splitlines())
+    p = sub.add_parser(name, help=summary, description=textwrap.fill(description, 88),
+                       epilog=f"exit status:\n{exits}",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", dest="config_after", default=None, metavar="CONFIG",
+                   help="TOML config file (default: $FCGI_MANAGER_CONFIG)")
+    p.add_argument("--version", action="version", version=f"fcgi-manager {__version__}",
+                   help=argparse.SUPPRESS)
+    return p
+
+
+def _pidfile_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pidfile", default=None, metavar="PATH",
+                   help="the master whose pidfile is PATH (a `run` or WSGIServer master "
+                        "needs no config file)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fcgi-manager", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,45 +163,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"fcgi-manager {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = sub.add_parser("run", help="serve MODULE:APP in the foreground")
-    run.add_argument("app", metavar="MODULE:APP")
-    run.add_argument("--bind", "-b", default="127.0.0.1:9000",
-                     help="unix:/path, HOST:PORT, [::1]:PORT, fd:0 (default 127.0.0.1:9000)")
-    run.add_argument("--workers", "-w", type=int, default=None,
-                     help="number of workers (default: number of CPUs)")
-    run.add_argument("--chdir", default=None, help="directory to import the app from")
-    run.add_argument("--log-level", default="info")
+    run = _subparser(sub, "run")
+    run.add_argument("app", metavar="MODULE:APP", nargs="?", default=None,
+                     help="the WSGI app (optional with -c: the file's app.module)")
+    run_flags.add_to(run)
 
-    start = sub.add_parser("start", help="start the master")
+    start = _subparser(sub, "start")
     start.add_argument("--foreground", "-f", action="store_true",
                        help="stay in the foreground (Supervisor, systemd, containers)")
-    stop = sub.add_parser("stop", help="graceful stop")
+    stop = _subparser(sub, "stop")
     stop.add_argument("--now", action="store_true", help="stop within 5 s")
-    sub.add_parser("restart", help="stop, then start")
-    sub.add_parser("reload", help="replace every worker with freshly imported code")
-    st = sub.add_parser("status", help="show the master and its workers")
+    _pidfile_option(stop)
+    _subparser(sub, "restart")
+    reload = _subparser(sub, "reload")
+    _pidfile_option(reload)
+    st = _subparser(sub, "status")
     st.add_argument("--json", action="store_true", help="one JSON object")
     st.add_argument("--watch", action="store_true", help="refresh every second, like top")
-    sc = sub.add_parser("scale", help="change the number of workers: N, +1, -1")
+    st.add_argument("--all", action="store_true",
+                    help="every master this user can reach (name, pid, bind, workers, busy, "
+                         "generation, config)")
+    _pidfile_option(st)
+    sc = _subparser(sub, "scale")
     sc.add_argument("value", metavar="N|+N|-N")
-    sub.add_parser("reopen-logs", help="reopen the log file")
-    sub.add_parser("check", help="validate config, import the app, run one request")
-    rq = sub.add_parser("request", help="send one FastCGI request and print the response")
+    _pidfile_option(sc)
+    ro = _subparser(sub, "reopen-logs")
+    _pidfile_option(ro)
+    cf = _subparser(sub, "config")
+    cf.add_argument("app", metavar="MODULE:APP", nargs="?", default=None,
+                    help="as for run: sets app.module")
+    run_flags.add_to(cf)
+    ck = _subparser(sub, "check")
+    ck.add_argument("--path", default="/", metavar="PATH",
+                    help="the path of the test request (default /)")
+    rq = _subparser(sub, "request")
     rq.add_argument("path", metavar="PATH")
-    rq.add_argument("--method", "-X", "-m", default=None)
-    rq.add_argument("--data", "-d", default=None, metavar="FILE",
-                    help="body from FILE ('-' = stdin)")
+    rq.add_argument("--request", "-X", "--method", "-m", dest="method", default=None,
+                    metavar="METHOD", help="the request method (default GET, POST with -d)")
+    rq.add_argument("--data", "-d", action="append", default=None, metavar="DATA",
+                    help="the request body: DATA, @FILE, or @- for stdin (repeated: joined "
+                         "with &)")
     rq.add_argument("-H", "--header", action="append", default=[], metavar="'Name: value'")
     rq.add_argument("--bind", "-b", default=None, help="address to send to (default: config)")
+    _pidfile_option(rq)
     rq.add_argument("--include", "-i", action="store_true", help="print status and headers")
+    rq.add_argument("--fail", "-f", action="store_true",
+                    help="exit 22 when the status is 400 or more")
     rq.add_argument("--timeout", type=float, default=30.0)
-    # Every command also accepts -c after its name, and --version.
-    for sp in sub.choices.values():
-        if sp is not run:
-            sp.add_argument("-c", "--config", dest="config_after", default=None,
-                            help=argparse.SUPPRESS)
-        sp.add_argument("--version", action="version", version=f"fcgi-manager {__version__}",
-                        help=argparse.SUPPRESS)
     return p
 
 
@@ -117,6 +221,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     resume_config = os.environ.pop("FCGI_MANAGER_RESUME_CONFIG", "")
     if resume_config and os.environ.get("FCGI_MANAGER_RESUME"):
         args.config = resume_config  # a reload re-executed us: same file, absolute path
+    _same_directory_as_at_start()
     if not args.command:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -134,6 +239,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         return LSB_UNKNOWN if args.command == "status" else 1
 
 
+def _same_directory_as_at_start() -> None:
+    """A master re-executed by a reload may sit in ``app.chdir``: read relative paths in
+    its flags and environment from the directory it was started in, as the first time."""
+    if os.environ.get("FCGI_MANAGER_RESUME"):
+        start_dir = os.environ.get("FCGI_MANAGER_RESUME_CWD", "")
+        if start_dir:
+            try:
+                os.chdir(start_dir)
+            except OSError:
+                pass
+    else:
+        os.environ.pop("FCGI_MANAGER_RESUME_CWD", None)
+
+
 def _load(args: argparse.Namespace) -> config_mod.Config:
     if not args.config:
         raise FcgiManagerError(
@@ -142,6 +261,18 @@ def _load(args: argparse.Namespace) -> config_mod.Config:
             "MODULE:APP` to serve without one",
         )
     return config_mod.load(args.config)
+
+
+def _load_with_flags(args: argparse.Namespace) -> config_mod.Config:
+    """``run`` and ``config``: the file (if any) under the environment under the flags."""
+    flags = run_flags.overrides(args)
+    if args.config:
+        return config_mod.load(args.config, flags)
+    if not args.app and not os.environ.get("FCGI_MANAGER_APP_MODULE"):
+        raise FcgiManagerError(
+            "no app given", "name it: `fcgi-manager run yourapplication:app`, or pass -c "
+            "app.toml")
+    return config_mod.build({}, flags=flags)
 
 
 def _log_path(cfg: config_mod.Config, background: bool) -> str:
@@ -182,6 +313,7 @@ def serve(cfg: config_mod.Config, app: Any = None, background: bool = False,
                                    f"{cfg.manager.pidfile})", "stop it first, or use reload")
     log_path = _log_path(cfg, background)
     handler = logs.setup_master(log_path, cfg.manager.log_level)
+    os.environ.setdefault("FCGI_MANAGER_RESUME_CWD", os.getcwd())
     master = Master(cfg, app, handler)
     if report_fd >= 0:
         master.child_close_fds.append(report_fd)
@@ -210,11 +342,32 @@ def serve(cfg: config_mod.Config, app: Any = None, background: bool = False,
         elif report_fd < 0:
             print(text.rstrip() + "\nError: the app could not start", file=sys.stderr)
 
+    entry = _register(cfg)
     try:
         code = master.run(ready)
     finally:
         daemon.remove_pidfile(pidfile, os.getpid())
+        if entry:
+            registry.unregister(entry)
     return code
+
+
+def _register(cfg: config_mod.Config) -> str:
+    """Put this master in the user's registry (``status --all``); '' if that failed."""
+    import logging
+
+    m = cfg.manager
+    name = m.name or (os.path.splitext(os.path.basename(cfg.source))[0] if cfg.source
+                      else cfg.app.module)
+    try:
+        return registry.register(name=name, config=cfg.source, pidfile=m.pidfile,
+                                 control=m.control, bind=cfg.listen.bind,
+                                 graceful_timeout=cfg.workers.graceful_timeout,
+                                 shutdown_delay=cfg.manager.shutdown_delay)
+    except OSError as exc:
+        logging.getLogger("fcgi_manager.master").warning(
+            "not listed by `status --all`: %s", exc)
+        return ""
 
 
 def master_log_ready(master: Any) -> None:
@@ -225,13 +378,19 @@ def master_log_ready(master: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    options: Dict[str, Any] = {"bind": args.bind, "log_level": args.log_level}
-    if args.workers is not None:
-        options["count"] = args.workers
-    if args.chdir:
-        options["chdir"] = os.path.abspath(args.chdir)
-    cfg = config_mod.from_options(args.app, **options)
-    return serve(cfg)
+    return serve(_load_with_flags(args))
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config_toml import render
+
+    try:
+        cfg = _load_with_flags(args)
+    except FcgiManagerError as exc:
+        _print_error(exc)
+        return 1
+    sys.stdout.write(render(cfg))
+    return 0
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -284,41 +443,69 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 1
 
 
-def _master_pid(cfg: config_mod.Config) -> Optional[int]:
-    pid = daemon.read_pidfile(cfg.manager.pidfile)
+def _master_pid(pidfile: str) -> Optional[int]:
+    pid = daemon.read_pidfile(pidfile)
     if pid is not None and daemon.pid_alive(pid):
         return pid
     return None
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
+def _wait_gone(pid: int, timeout: float, waiting: Optional[Callable[[], None]] = None) -> bool:
     deadline = time.monotonic() + timeout
     delay = 0.01
+    next_show = time.monotonic() + progress.POLL_INTERVAL
     while time.monotonic() < deadline:
         if not daemon.pid_alive(pid):
             return True
+        if waiting is not None and time.monotonic() >= next_show:
+            waiting()
+            next_show = time.monotonic() + progress.POLL_INTERVAL
         time.sleep(delay)
         delay = min(0.1, delay * 2)
     return not daemon.pid_alive(pid)
 
 
+def _target(args: argparse.Namespace) -> target.Target:
+    """The master this command talks to (see ``target``)."""
+    return target.resolve(args.config, getattr(args, "pidfile", None))
+
+
+def _warn_broken(tgt: target.Target) -> None:
+    """Once the master is reached: say that the config on disk is broken, and how."""
+    if tgt.config_error is not None:
+        print(tgt.warning(), file=sys.stderr)
+
+
+def _not_found(tgt: target.Target) -> int:
+    """No master reachable: with a broken config we cannot tell where one would be."""
+    if tgt.config_error is not None:
+        print(f"Error: no running master found for {tgt.config_path}, and its config is "
+              f"invalid: {tgt.config_error.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    tgt = _target(args)
     pid = None
-    drain = 0.0 if args.now else cfg.manager.shutdown_delay  # what the master will wait
+    drain = 0.0 if args.now else tgt.shutdown_delay  # what the master will wait
     try:
-        result = control.call(cfg.manager.control, "stop", {"now": bool(args.now)})
+        result = control.call(tgt.control, "stop", {"now": bool(args.now)})
         pid = int(result.get("pid") or 0) or None
         drain = float(result.get("drain_s", drain) or 0.0)
     except ControlError:
-        pid = _master_pid(cfg)
+        pid = _master_pid(tgt.pidfile)
         if pid is None:
-            _check_not_running(cfg)  # clears a stale pidfile
+            if tgt.config_error is not None:
+                return _not_found(tgt)
+            if tgt.config is not None:
+                _check_not_running(tgt.config)  # clears a stale pidfile
             print("fcgi-manager is not running")
             return 0
         os.kill(pid, signal.SIGINT if args.now else signal.SIGTERM)
+    _warn_broken(tgt)
     if pid is None:
-        pid = _master_pid(cfg)
+        pid = _master_pid(tgt.pidfile)
     if pid is None:
         print("fcgi-manager stopped")
         return 0
@@ -326,8 +513,17 @@ def cmd_stop(args: argparse.Namespace) -> int:
         print(f"draining for {drain:.0f} s (manager.shutdown_delay: the ping path answers "
               f"503), then stopping gracefully")
         sys.stdout.flush()
-    grace = 5.0 if args.now else drain + cfg.workers.graceful_timeout + 5.0
-    if not _wait_gone(pid, grace):
+    grace = 5.0 if args.now else drain + tgt.graceful_timeout + 5.0
+    line = progress.Line()
+    started = time.monotonic()
+
+    def waiting() -> None:
+        data = progress.snapshot(tgt.control)
+        line.show(progress.stop_text(data, pid, started, 0.0 if args.now else grace - 5.0))
+
+    gone = _wait_gone(pid, grace, waiting if line.enabled else None)
+    line.clear()
+    if not gone:
         print(f"fcgi-manager (pid {pid}) did not stop in {grace:.0f} s: killing it",
               file=sys.stderr)
         try:
@@ -335,27 +531,39 @@ def cmd_stop(args: argparse.Namespace) -> int:
         except ProcessLookupError:
             pass
         _wait_gone(pid, 5.0)
-        daemon.remove_pidfile(cfg.manager.pidfile, pid)
+        daemon.remove_pidfile(tgt.pidfile, pid)
     print("fcgi-manager stopped")
     return 0
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
     args.now = False
+    args.pidfile = None
     cmd_stop(args)
     args.foreground = False
     return cmd_start(args)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    tgt = target.resolve(args.config, args.pidfile)
+    error = tgt.config_error
+    if error is None and tgt.config is None and tgt.config_path:
+        try:  # --pidfile of a master with a config file: that file must be valid
+            config_mod.load(tgt.config_path)
+        except ConfigError as exc:
+            error = exc
+    if error is not None:
+        print(f"Error: reload refused, the config on disk is invalid: {error.message}"
+              + (f"\nhint: {error.hint}" if error.hint else "")
+              + "\nthe running master and its workers are untouched", file=sys.stderr)
+        return 1
     try:
-        result = control.call(cfg.manager.control, "reload", timeout=300.0)
+        result = _reload_with_progress(tgt.control)
     except ControlError as exc:
         if "not running" not in exc.message and "cannot connect" not in exc.message:
             print(f"Error: {exc.message}", file=sys.stderr)
             return 1
-        pid = _master_pid(cfg)
+        pid = _master_pid(tgt.pidfile)
         if pid is None:
             print("Error: fcgi-manager is not running", file=sys.stderr)
             return 1
@@ -366,17 +574,54 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reload_with_progress(control_path: str) -> Dict[str, Any]:
+    """The reload command; on a terminal, what it waits for is shown meanwhile."""
+    line = progress.Line()
+    if not line.enabled:
+        return control.call(control_path, "reload", timeout=300.0)
+    import threading
+
+    before = progress.snapshot(control_path)
+    old_generation = int(before.get("generation") or 0) if before else 0
+    outcome: Dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            outcome["result"] = control.call(control_path, "reload", timeout=300.0)
+        except ControlError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(progress.POLL_INTERVAL)
+    while thread.is_alive():
+        line.show(progress.reload_text(progress.snapshot(control_path), old_generation))
+        thread.join(progress.POLL_INTERVAL)
+    line.clear()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("result", {})
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.all:
+        return _status_all(args.json)
     try:
-        cfg = _load(args)
+        tgt = _target(args)
     except FcgiManagerError as exc:
         _print_error(exc)
         return LSB_UNKNOWN
     while True:
         try:
-            data = control.call(cfg.manager.control, "status", timeout=5.0)
+            data = control.call(tgt.control, "status", timeout=5.0)
         except ControlError as exc:
-            return _status_without_master(cfg, exc, args.json)
+            if tgt.config_error is not None and _master_pid(tgt.pidfile) is None:
+                _not_found(tgt)
+                return LSB_UNKNOWN
+            _warn_broken(tgt)
+            return _status_without_master(tgt.pidfile, exc, args.json)
+        _warn_broken(tgt)
+        tgt.config_error = None  # warned once, not at every --watch refresh
         if args.json:
             print(status_mod.render_json(data), end="")
         elif args.watch:
@@ -389,15 +634,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         time.sleep(1.0)
 
 
-def _status_without_master(cfg: config_mod.Config, exc: ControlError, as_json: bool) -> int:
-    pid = daemon.read_pidfile(cfg.manager.pidfile)
+def _status_without_master(pidfile: str, exc: ControlError, as_json: bool) -> int:
+    pid = daemon.read_pidfile(pidfile)
     if pid is None:
         state, code = "not running", LSB_NOT_RUNNING
     elif daemon.pid_alive(pid):
         state, code = f"running (pid {pid}) but its control socket does not answer: " \
                       f"{exc.message}", LSB_UNKNOWN
     else:
-        state, code = f"dead, but the pidfile {cfg.manager.pidfile} says pid {pid}", \
+        state, code = f"dead, but the pidfile {pidfile} says pid {pid}", \
             LSB_DEAD_PIDFILE
     if as_json:
         print(json.dumps({"running": code == LSB_RUNNING, "state": state, "pid": pid}))
@@ -406,26 +651,64 @@ def _status_without_master(cfg: config_mod.Config, exc: ControlError, as_json: b
     return code
 
 
+def _status_all(as_json: bool) -> int:
+    """Every master in the registry, one line each (``supervisorctl status``)."""
+    rows = []
+    for entry in registry.entries():
+        try:
+            data: Optional[Dict[str, Any]] = control.call(entry.control, "status", timeout=2.0)
+        except ControlError:
+            data = None
+        workers = (data or {}).get("workers") or []
+        rows.append({
+            "name": entry.name, "pid": entry.pid, "bind": entry.bind,
+            "workers": len(workers) if data else None,
+            "busy": sum(1 for w in workers if w.get("state") == "busy") if data else None,
+            "generation": data.get("generation") if data else None,
+            "config": entry.config or None, "pidfile": entry.pidfile,
+            "control": entry.control, "answering": data is not None,
+        })
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return LSB_RUNNING if rows else LSB_NOT_RUNNING
+    if not rows:
+        print("no fcgi-manager master is running for this user")
+        return LSB_NOT_RUNNING
+    table = [("NAME", "PID", "BIND", "WORKERS", "BUSY", "GEN", "CONFIG")]
+    for row in rows:
+        shown = {k: "?" if row[k] is None else str(row[k])
+                 for k in ("workers", "busy", "generation")}
+        table.append((row["name"], str(row["pid"]), row["bind"], shown["workers"],
+                      shown["busy"], shown["generation"],
+                      row["config"] or f"(no file; --pidfile {row['pidfile']})"))
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    return LSB_RUNNING
+
+
 def cmd_scale(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    result = control.call(cfg.manager.control, "scale", {"value": args.value})
+    tgt = _target(args)
+    result = control.call(tgt.control, "scale", {"value": args.value})
+    _warn_broken(tgt)
     print(f"scaled from {result.get('was')} to {result.get('workers')} worker(s)")
     return 0
 
 
 def cmd_reopen_logs(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    tgt = _target(args)
     try:
-        control.call(cfg.manager.control, "reopen-logs")
+        control.call(tgt.control, "reopen-logs")
     except ControlError as exc:
         if "not running" not in exc.message and "cannot connect" not in exc.message:
             print(f"Error: {exc.message}", file=sys.stderr)
             return 1
-        pid = _master_pid(cfg)
+        pid = _master_pid(tgt.pidfile)
         if pid is None:
             print("Error: fcgi-manager is not running", file=sys.stderr)
             return 1
         os.kill(pid, signal.SIGUSR1)
+    _warn_broken(tgt)
     print("log reopened")
     return 0
 
@@ -434,30 +717,49 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .check import run_check
 
     cfg = _load(args)
-    return run_check(cfg)
+    return run_check(cfg, args.path)
+
+
+def _request_address(args: argparse.Namespace) -> Any:
+    if args.bind:
+        return parse_address(args.bind, "--bind")
+    tgt = _target(args)
+    _warn_broken(tgt)
+    if tgt.config is not None:
+        return parse_address(tgt.config.listen.bind)
+    if tgt.entry is not None:
+        return parse_address(tgt.entry.bind)
+    try:
+        data = control.call(tgt.control, "status", timeout=5.0)
+    except ControlError as exc:
+        raise FcgiManagerError(f"cannot find the master's address: {exc.message}",
+                               "pass --bind ADDR") from None
+    return parse_address(str((data.get("listen") or {}).get("bind", "")))
+
+
+def _request_body(items: List[str]) -> bytes:
+    """curl's ``-d``: ``DATA``, ``@FILE`` or ``@-`` (stdin); several are joined with ``&``."""
+    parts = []
+    for item in items:
+        if item == "@-":
+            parts.append(sys.stdin.buffer.read())
+        elif item.startswith("@"):
+            try:
+                with open(item[1:], "rb") as f:
+                    parts.append(f.read())
+            except OSError as exc:
+                raise FcgiManagerError(f"-d {item}: cannot read {item[1:]}: {exc.strerror}"
+                                       ) from None
+        else:
+            parts.append(os.fsencode(item))
+    return b"&".join(parts)
 
 
 def cmd_request(args: argparse.Namespace) -> int:
     from . import client
 
-    if args.bind:
-        address = parse_address(args.bind, "--bind")
-        script_name = ""
-    else:
-        cfg = _load(args)
-        address = parse_address(cfg.listen.bind)
-        script_name = ""
-    body = b""
-    if args.data is not None:
-        if args.data == "-":
-            body = sys.stdin.buffer.read()
-        else:
-            try:
-                with open(args.data, "rb") as f:
-                    body = f.read()
-            except OSError as exc:
-                print(f"Error: cannot read --data {args.data}: {exc.strerror}", file=sys.stderr)
-                return 1
+    address = _request_address(args)
+    body = _request_body(args.data) if args.data is not None else b""
     headers = {}
     for item in args.header:
         name, sep, value = item.partition(":")
@@ -465,8 +767,10 @@ def cmd_request(args: argparse.Namespace) -> int:
             print(f"Error: -H {item!r}: write it as 'Name: value'", file=sys.stderr)
             return EXIT_USAGE
         headers[name.strip()] = value.strip()
+    if args.data is not None and not any(h.lower() == "content-type" for h in headers):
+        headers["Content-Type"] = "application/x-www-form-urlencoded"  # as curl -d sends
     method = args.method or ("POST" if args.data is not None else "GET")
-    params = client.build_params(args.path, method, headers, len(body), script_name=script_name)
+    params = client.build_params(args.path, method, headers, len(body))
     try:
         reply = client.request(address, params, body, timeout=args.timeout)
     except (OSError, Exception) as exc:  # noqa: BLE001 - any failure is "no response"
@@ -482,6 +786,10 @@ def cmd_request(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     if reply.stderr:
         sys.stderr.write(reply.stderr.decode("utf-8", "replace"))
+    code = int(reply.status[:3]) if reply.status[:3].isdigit() else 0
+    if args.fail and code >= 400:
+        print(f"Error: the server answered {reply.status}", file=sys.stderr)
+        return 22  # curl --fail's exit status
     return 0
 
 
@@ -494,6 +802,7 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
     "status": cmd_status,
     "scale": cmd_scale,
     "reopen-logs": cmd_reopen_logs,
+    "config": cmd_config,
     "check": cmd_check,
     "request": cmd_request,
 }

@@ -460,7 +460,10 @@ def build(data: Dict[str, Any], source: str = "", base: str = "",
             origins[f"{section}.{key}"] = "file"
     cwd = os.getcwd()
     for item in [*environment_overrides(environ), *flags]:
-        values[item.section][item.key] = _convert_override(item, cwd)
+        value = _convert_override(item, cwd)
+        if (item.section, item.key) == ("app", "env"):  # adds to the environment, as -e does
+            value = tuple({**dict(values["app"].get("env", ())), **dict(value)}.items())
+        values[item.section][item.key] = value
         origins[f"{item.section}.{item.key}"] = item.origin
     env = os.environ if environ is None else environ
     concurrency = env.get("WEB_CONCURRENCY", "")
