@@ -73,7 +73,7 @@ HELP: Dict[str, Tuple[str, str, str]] = {
     "restart": (
         "stop, then start",
         "Stop the master (gracefully), then start it again with the config on disk.",
-        "as start"),
+        "0 started\n1 failed (the reason is printed)\n2 usage error"),
     "reload": (
         "replace every worker with freshly imported code",
         "Re-read the config and replace every worker with one running freshly imported "

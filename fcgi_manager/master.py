@@ -259,6 +259,25 @@ class Master:
             self.workers[rec.pid] = rec
         for fd in state["waiters"]:
             self.reload_waiters.append(socket.socket(fileno=fd))
+        self._carry_scale(state.get("scale") or {})
+
+    def _carry_scale(self, before: Dict[str, Any]) -> None:
+        """A static pool's ``scale`` survives a reload (a deploy in the middle of a traffic
+        peak keeps its extra workers), unless ``workers.count`` changed in the file: the
+        edited file then wins. Either way the log says which."""
+        w = self.cfg.workers
+        if w.mode != "static" or before.get("mode") != "static":
+            return
+        scaled, configured = int(before.get("target", 0)), int(before.get("configured", 0))
+        if scaled == configured or not scaled:
+            return
+        if w.effective_count != configured:
+            log.info("reload: workers.count is now %d in the config: it replaces the earlier "
+                     "scale to %d workers", w.effective_count, scaled)
+            return
+        self.target = scaled
+        log.info("reload: keeping the scale to %d workers (workers.count is %d; change it "
+                 "in the config, or scale again, to change the count)", scaled, configured)
 
     # -- running ------------------------------------------------------------------------
 
@@ -567,6 +586,8 @@ class Master:
             "death": [self.death_r, self.death_w], "started_at": self.started_at,
             "totals": self.totals, "max_queue": self.max_queue,
             "generation": self.generation, "workers": workers, "waiters": waiters,
+            "scale": {"mode": self.cfg.workers.mode, "target": self.target,
+                      "configured": self.cfg.workers.effective_count},
         }
         state_fd = os.memfd_create("fcgi-manager-state", 0)
         os.write(state_fd, json.dumps(state).encode())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, List
@@ -13,6 +14,21 @@ if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
 
 from support import Manager, Nginx  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Masters started by the suite register in a private registry (see
+    ``fcgi_manager.registry``), not in this user's real one."""
+    path = tmp_path_factory.mktemp("registry")
+    path.chmod(0o700)
+    old = os.environ.get("FCGI_MANAGER_REGISTRY")
+    os.environ["FCGI_MANAGER_REGISTRY"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("FCGI_MANAGER_REGISTRY", None)
+    else:
+        os.environ["FCGI_MANAGER_REGISTRY"] = old
 
 
 @pytest.fixture

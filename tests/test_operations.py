@@ -379,17 +379,17 @@ def test_request_command(make_manager: MakeManager, tmp_path: Path) -> None:
     data_file.write_bytes(payload)
     assert m.request("/hello").returncode == 1, "no server yet: no response"
     m.start()
-    hello = m.request("/hello/x?y=1", "-X", "POST", "--data", str(data_file), "-H", "X-A: b")
+    hello = m.request("/hello/x?y=1", "-X", "POST", "--data", f"@{data_file}", "-H", "X-A: b")
     assert hello.returncode == 0, hello
     seen = json.loads(hello.stdout)
     assert seen["environ"]["REQUEST_METHOD"] == "POST"
     assert seen["environ"]["HTTP_X_A"] == "b"
     assert seen["environ"]["CONTENT_LENGTH"] == str(len(payload))
     assert seen["path_info"] == "/hello/x" and seen["environ"]["QUERY_STRING"] == "y=1"
-    echo = m.request("/echo", "--data", str(data_file))  # --data implies POST
+    echo = m.request("/echo", "--data", f"@{data_file}")  # --data implies POST
     assert echo.returncode == 0, echo
     assert echo.stdout.encode() == payload
-    head = m.request("/echo", "-i", "-X", "POST", "--data", str(data_file))
+    head = m.request("/echo", "-i", "-X", "POST", "--data", f"@{data_file}")
     assert head.stdout.startswith("Status: 200 OK\n")
     assert f"X-Body-Length: {len(payload)}" in head.stdout
     bad = m.request("/hello", "-H", "no colon")
