@@ -159,8 +159,7 @@ def test_the_quick_start_works_as_written(site: Site, procs: Procs, as_root: boo
         if command.endswith(" stop"):
             served(nginx, port, procs, started)
         result = reader.run(command, cwd)
-        log = tail(app_dir / "run" / "app.fcgi-manager.log") if (app_dir / "run").exists() \
-            else ""
+        log = tail(app_dir / "app.fcgi-manager.log")
         assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}\n{log}"
         if command.endswith(" check"):
             assert "healthy" in result.stdout, result.stdout
