@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from . import __version__, control, daemon, progress, registry, run_flags, target
 from . import config as config_mod
 from . import status as status_mod
-from .errors import AppImportError, ConfigError, ControlError, FcgiManagerError
+from .errors import AppImportError, ControlError, FcgiManagerError
 from .sockets import parse_address
 
 EXIT_USAGE = 2
@@ -498,8 +498,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
         if pid is None:
             if tgt.config_error is not None:
                 return _not_found(tgt)
-            if tgt.config is not None:
-                _check_not_running(tgt.config)  # clears a stale pidfile
+            stale = daemon.read_pidfile(tgt.pidfile)
+            if stale is not None:
+                daemon.remove_pidfile(tgt.pidfile, stale)  # its master is gone
             print("fcgi-manager is not running")
             return 0
         os.kill(pid, signal.SIGINT if args.now else signal.SIGTERM)
@@ -546,12 +547,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     tgt = target.resolve(args.config, args.pidfile)
-    error = tgt.config_error
-    if error is None and tgt.config is None and tgt.config_path:
-        try:  # --pidfile of a master with a config file: that file must be valid
-            config_mod.load(tgt.config_path)
-        except ConfigError as exc:
-            error = exc
+    error = tgt.config_error  # (with --pidfile, the master checks its own file and flags)
     if error is not None:
         print(f"Error: reload refused, the config on disk is invalid: {error.message}"
               + (f"\nhint: {error.hint}" if error.hint else "")
