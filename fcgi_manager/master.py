@@ -43,16 +43,16 @@ from . import status as status_mod
 from .appload import load_app, prepare_import
 from .config import Config
 from .errors import AppImportError, FcgiManagerError, ProtocolError
-from .pool import PoolSizer, PoolView
+from .pool import PoolSizer, PoolView, threaded_view
 from .privileges import apply_environment, resolve_user
 from .scoreboard import MAX_SLOTS, Scoreboard, SlotWriter
 from .states import WorkerState, can_change
+from .threaded import build_worker
 from .worker import (
     EXIT_BOOT_ERROR,
     EXIT_RECYCLE_MEMORY,
     EXIT_RECYCLE_REQUESTS,
     STACK_SIGNAL,
-    Worker,
 )
 
 log = logging.getLogger("fcgi_manager.master")
@@ -639,6 +639,8 @@ class Master:
         out_r, out_w = os.pipe()
         note_r, note_w = os.pipe()
         self.board.assign(slot, 0, self.generation)
+        if self.cfg.workers.threads > 1:
+            self.board.reserve_threads(slot, self.cfg.workers.threads)
         max_requests = self._max_requests()
         master_pid = os.getpid()
         try:
@@ -734,10 +736,10 @@ class Master:
         def status_page(query: str) -> tuple:
             return status_mod.render_page(status_mod.snapshot(self.cfg, board), query)
 
-        worker = Worker(app=app, config=self.cfg, listener=self.listener,  # type: ignore
-                        slot=SlotWriter(board, slot), worker_id=slot + 1,
-                        master_fd=self.death_r, notify_fd=note_w, max_requests=max_requests,
-                        status_page=status_page)
+        worker = build_worker(board, slot, app=app, config=self.cfg,
+                              listener=self.listener, slot=SlotWriter(board, slot),
+                              worker_id=slot + 1, master_fd=self.death_r, notify_fd=note_w,
+                              max_requests=max_requests, status_page=status_page)
         return worker.run()
 
     def _watch(self, rec: WorkerRecord) -> None:
@@ -1048,7 +1050,7 @@ class Master:
         assert self.board is not None
         now = time.monotonic()
         current = self._current()
-        idle = busy = starting = 0
+        idle = busy = starting = free_threads = with_room = 0
         idle_since: Dict[int, float] = {}
         for rec in current:
             slot = self.board.read_slot(rec.slot)
@@ -1056,6 +1058,9 @@ class Master:
             if not rec.ready:
                 starting += 1
                 continue
+            free = int(slot["threads"]) - len(slot["in_flight"])  # type: ignore
+            free_threads += free
+            with_room += free > 0
             if state == WorkerState.BUSY or slot["requests"] != rec.last_requests:
                 rec.last_requests = slot["requests"]  # type: ignore[assignment]
                 rec.idle_since = now
@@ -1065,6 +1070,10 @@ class Master:
                 idle += 1
                 idle_since[rec.pid] = rec.idle_since
         waiting = max(self.queue, 0)
+        threads = self.cfg.workers.threads
+        if threads > 1:  # demand is busy threads, not busy processes
+            idle, busy, waiting = threaded_view(self.cfg.workers.mode, threads, free_threads,
+                                                with_room, idle + busy, waiting)
         if self.cfg.workers.mode == "ondemand" and not waiting and not idle and self.listener:
             waiting = 1 if _readable(self.listener) else 0
         view = PoolView(total=len(current), idle=idle, busy=busy, starting=starting, now=now,
@@ -1151,9 +1160,13 @@ class Master:
                 rec.stop_reason = "timeout"
                 self._signal(rec, STACK_SIGNAL)
                 rec.kill_at = now + STACK_GRACE
+                if int(slot["threads"]) > 1:  # type: ignore[call-overload]
+                    self._stop_hung_threaded(rec, slot)
                 self._change_state(rec, WorkerState.STOPPING, "timeout")
             elif w.slow_request and elapsed > w.slow_request:
                 request_no = (int(slot["requests"]) + 1) & 0xFFFFFFFF  # type: ignore
+                if int(slot["threads"]) > 1:  # type: ignore[call-overload]
+                    request_no = int(busy_since * 1000) & 0xFFFFFFFF  # the oldest request
                 if slot["slow_dumped"] != request_no:
                     self.board.mark_slow_dumped(rec.slot, request_no)
                     self.totals["slow"] += 1
@@ -1161,6 +1174,16 @@ class Master:
                                 "stack follows", rec.name(), what, elapsed, w.slow_request)
                     self._signal(rec, STACK_SIGNAL)
         self.totals["max_active"] = max(self.totals["max_active"], active)
+
+    def _stop_hung_threaded(self, rec: WorkerRecord, slot: Dict[str, Any]) -> None:
+        """A threaded worker with a hung request: its other threads get graceful_timeout to
+        finish their requests (it stops accepting at once), then it is killed."""
+        others = len(slot["in_flight"]) - 1
+        log.warning("%s: %d other request(s) in flight get workers.graceful_timeout (%.0f s) "
+                    "to finish before it is killed", rec.name(), others,
+                    self.cfg.workers.graceful_timeout)
+        self._signal(rec, signal.SIGTERM)
+        rec.kill_at += self.cfg.workers.graceful_timeout
 
     def _signal(self, rec: WorkerRecord, sig: int) -> None:
         try:

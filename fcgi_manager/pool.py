@@ -13,6 +13,10 @@ Pure decisions on a snapshot of the pool, so every rule is a unit test:
               a connection waits and no worker is idle; a worker idle for
               ``idle_timeout`` seconds is retired.
 
+With ``workers.threads`` > 1, demand is busy *threads*, not busy processes: a worker
+running 3 requests on 16 threads still has room for 13, so :func:`threaded_view` turns
+free threads into whole workers' worth of spare capacity before the rules above apply.
+
 ``max_children_reached`` counts the times the pool wanted more workers than
 ``max_workers`` allows (once per episode, not once per tick).
 """
@@ -20,7 +24,7 @@ Pure decisions on a snapshot of the pool, so every rule is a unit test:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 MAX_SPAWN_RATE = 32
 RETIRE_EVERY = 1.0
@@ -103,3 +107,17 @@ class PoolSizer:
             if view.now - since >= self.cfg.idle_timeout:
                 d.retire.append(pid)
         return d
+
+
+def threaded_view(mode: str, threads: int, free_threads: int, workers_with_room: int,
+                  ready: int, waiting: int) -> Tuple[int, int, int]:
+    """(idle, busy, waiting) in workers, for pools whose workers run ``threads`` each.
+
+    ``dynamic`` keeps spare *capacity*: idle is the free threads in whole workers, so 16
+    free threads spread over 4 workers of 16 count as one spare worker. ``ondemand`` forks
+    only when no worker can take a connection: idle is the workers with a free thread.
+    Waiting connections are counted in the workers needed to run them.
+    """
+    idle = workers_with_room if mode == "ondemand" else free_threads // threads
+    idle = min(idle, ready)
+    return idle, ready - idle, -(-waiting // threads)

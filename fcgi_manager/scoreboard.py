@@ -16,6 +16,21 @@ half-written slot for one sample; every field is independent, so the worst case 
 stale value, never a crash (text is decoded with ``errors="replace"``). The exception is
 "busy" read together with the idle record's start time (0): :meth:`Scoreboard.read_slot`
 reads that slot again.
+
+Threaded workers (``workers.threads`` > 1) run several requests at once, and one request
+record per slot cannot hold them without a lock between the threads. They get a range of
+**thread entries** instead, after the slots::
+
+    entry[k] (ENTRY_SIZE bytes)  one per app thread: the same request record as a slot's,
+                                 plus the thread's shed count; written only by its thread
+
+The master reserves a worker's range before forking it (first fit; the file grows when no
+range is free, so ``threads = 1`` pools never have the region at all) and records it in
+the slot (``THREADS``: first entry, count). Each thread writes only its own entry, the
+worker's main thread only the slot's state byte: still one writer per field, no lock.
+:meth:`Scoreboard.read_slot` folds the entries into the slot's view (busy when any thread
+is, ``busy_since`` of the oldest request, the sum of the requests) and lists every request
+in flight.
 """
 
 from __future__ import annotations
@@ -60,8 +75,15 @@ SAMPLE = struct.Struct("=Q f f")  # rss bytes, cpu percent, spare
 SAMPLE_OFF = REQ_OFF + REQ.size
 COUNTERS = struct.Struct("=Q I I")  # shed, slow-dumped request number, spare
 COUNTERS_OFF = SAMPLE_OFF + SAMPLE.size
+THREADS = struct.Struct("=I I")  # first thread entry, number of entries (0 = one thread)
+THREADS_OFF = COUNTERS_OFF + COUNTERS.size
 SLOT_SIZE = 320
-assert COUNTERS_OFF + COUNTERS.size <= SLOT_SIZE
+assert THREADS_OFF + THREADS.size <= SLOT_SIZE
+ENTRY = struct.Struct("=B 7x Q d 16s 200s Q")  # the REQ record, then shed
+ENTRY_SHED_OFF = REQ.size
+ENTRY_SIZE = 256
+assert ENTRY.size <= ENTRY_SIZE
+MIN_ENTRIES = 64  # the thread region grows by at least this many entries
 assert HEADER.size <= FLAGS_OFF
 
 _BUSY = STATE_CODES[WorkerState.BUSY]
@@ -78,9 +100,11 @@ class Scoreboard:
             fd = os.memfd_create("fcgi-manager-scoreboard", 0)  # no MFD_CLOEXEC: kept on exec
             os.ftruncate(fd, size)
         self.fd = fd
+        self.entries_off = size  # thread entries start after the slots
         if fd is None:
             self.mem = mmap.mmap(-1, size)
         else:
+            size = max(size, os.fstat(fd).st_size)  # after a reload: the entries too
             self.mem = mmap.mmap(fd, size)
         self.size = size
 
@@ -114,6 +138,63 @@ class Scoreboard:
         off = HEADER_SIZE + slot * SLOT_SIZE
         self.mem[off : off + SLOT_SIZE] = bytes(SLOT_SIZE)
 
+    # -- thread entries (workers.threads > 1) --------------------------------------------
+
+    def reserve_threads(self, slot: int, count: int) -> None:
+        """Give the worker in ``slot`` ``count`` zeroed thread entries (before it forks).
+
+        First fit among the ranges other slots hold; when none fits, the memfd grows. The
+        master's mapping is replaced then; workers keep the mapping they were forked with,
+        which covers their own entries (it is never shrunk).
+        """
+        ranges = sorted(r for r in (self._thread_range(s) for s in self.used_slots()
+                                    if s != slot) if r[1])
+        first = 0
+        for start, n in ranges:
+            if first + count <= start:
+                break
+            first = max(first, start + n)
+        end = first + count
+        if end > self.entry_capacity:
+            self._grow(max(end, 2 * self.entry_capacity, MIN_ENTRIES))
+        off = self.entries_off + first * ENTRY_SIZE
+        self.mem[off : off + count * ENTRY_SIZE] = bytes(count * ENTRY_SIZE)
+        THREADS.pack_into(self.mem, HEADER_SIZE + slot * SLOT_SIZE + THREADS_OFF, first, count)
+
+    @property
+    def entry_capacity(self) -> int:
+        return (self.size - self.entries_off) // ENTRY_SIZE
+
+    def _grow(self, entries: int) -> None:
+        if self.fd is None:
+            raise OSError("workers.threads needs memfd_create (Linux 3.17 or later)")
+        size = self.entries_off + entries * ENTRY_SIZE
+        os.ftruncate(self.fd, size)
+        self.mem = mmap.mmap(self.fd, size)
+        self.size = size
+
+    def _thread_range(self, slot: int) -> tuple:
+        return THREADS.unpack_from(self.mem, HEADER_SIZE + slot * SLOT_SIZE + THREADS_OFF)
+
+    def thread_writers(self, slot: int) -> List[ThreadSlotWriter]:
+        """One writer per reserved entry of ``slot`` (in the worker, after fork)."""
+        first, count = self._thread_range(slot)
+        return [ThreadSlotWriter(self, first + i) for i in range(count)]
+
+    def _read_entry(self, index: int) -> Optional[tuple]:
+        """(busy_since, method, uri, requests, shed) of one entry; None past the mapping
+        (an entry reserved after this process mapped the board)."""
+        off = self.entries_off + index * ENTRY_SIZE
+        if off + ENTRY_SIZE > len(self.mem):
+            return None
+        for _ in range(50):
+            state, requests, busy_since, method, uri, shed = ENTRY.unpack_from(self.mem, off)
+            if state != _BUSY or busy_since > 0.0:
+                break
+        else:
+            busy_since = time.monotonic()
+        return (busy_since if state == _BUSY else 0.0, method, uri, requests, shed)
+
     def write_sample(self, slot: int, rss: int, cpu: float) -> None:
         SAMPLE.pack_into(self.mem, HEADER_SIZE + slot * SLOT_SIZE + SAMPLE_OFF, rss, cpu, 0.0)
 
@@ -136,6 +217,24 @@ class Scoreboard:
             busy_since = time.monotonic()  # the writer is paused mid-write: it just began
         rss, cpu, _ = SAMPLE.unpack_from(mem, off + SAMPLE_OFF)
         shed, slow_dumped, _ = COUNTERS.unpack_from(mem, off + COUNTERS_OFF)
+        first, threads = THREADS.unpack_from(mem, off + THREADS_OFF)
+        if threads:
+            # A threaded worker: its slot holds the state, its entries the requests.
+            flights = []
+            for index in range(first, first + threads):
+                entry = self._read_entry(index)
+                if entry is None:
+                    continue
+                requests += entry[3]
+                shed += entry[4]
+                if entry[0]:
+                    flights.append(entry[:3])
+            flights.sort(key=lambda f: f[0])
+            if flights and state == _IDLE:
+                state = _BUSY
+            busy_since, method, uri = flights[0] if flights else (0.0, b"", b"")
+        else:
+            flights = [(busy_since, method, uri)] if state == _BUSY else []
         return {
             "slot": slot,
             "pid": pid,
@@ -150,6 +249,10 @@ class Scoreboard:
             "cpu": cpu,
             "shed": shed,
             "slow_dumped": slow_dumped,
+            "threads": threads or 1,
+            "in_flight": [(since, m.rstrip(b"\0").decode("latin-1", "replace"),
+                           u.rstrip(b"\0").decode("utf-8", "replace"))
+                          for since, m, u in flights],
         }
 
     def used_slots(self) -> Iterator[int]:
@@ -203,3 +306,33 @@ class SlotWriter:
     def count_shed(self) -> None:
         self.shed += 1
         struct.pack_into("=Q", self.mem, self.off + COUNTERS_OFF, self.shed)
+
+
+class ThreadSlotWriter:
+    """One app thread's handle on its own thread entry (workers.threads > 1).
+
+    The same two writes per request as :class:`SlotWriter`, into an entry no other thread
+    writes; the shed count lives in the entry too, so no counter is shared between threads.
+    """
+
+    __slots__ = ("mem", "off", "requests", "shed")
+
+    def __init__(self, board: Scoreboard, index: int) -> None:
+        self.mem = board.mem
+        self.off = board.entries_off + index * ENTRY_SIZE
+        self.requests = 0
+        self.shed = 0
+
+    def busy(self, method: str, uri: str) -> None:
+        REQ.pack_into(
+            self.mem, self.off, _BUSY, self.requests, time.monotonic(),
+            method.encode("latin-1", "replace"), uri.encode("latin-1", "replace")[:200],
+        )
+
+    def idle(self) -> None:
+        self.requests += 1
+        IDLE.pack_into(self.mem, self.off, _IDLE, self.requests, 0.0)
+
+    def count_shed(self) -> None:
+        self.shed += 1
+        struct.pack_into("=Q", self.mem, self.off + ENTRY_SHED_OFF, self.shed)

@@ -26,7 +26,7 @@ def snapshot(cfg: Any, board: Scoreboard) -> Dict[str, Any]:
     workers: List[Dict[str, Any]] = []
     accepted = int(head["accepted_dead"])
     shed = int(head["shed_dead"])
-    active = idle = 0
+    active = idle = busy_threads = threads = 0
     for slot in board.read_all():
         pid = int(slot["pid"])  # type: ignore[call-overload]
         if pid <= 0:
@@ -42,6 +42,10 @@ def snapshot(cfg: Any, board: Scoreboard) -> Dict[str, Any]:
                        "elapsed_s": round(max(0.0, mono - busy_since), 3)}
         elif state == "idle":
             idle += 1
+        in_flight = [{"method": m, "uri": u, "elapsed_s": round(max(0.0, mono - since), 3)}
+                     for since, m, u in slot["in_flight"]]  # type: ignore[attr-defined]
+        busy_threads += len(in_flight)
+        threads += int(slot["threads"])  # type: ignore[call-overload]
         started = float(slot["started_at"])  # type: ignore[arg-type]
         workers.append({
             "id": int(slot["slot"]) + 1,  # type: ignore[call-overload]
@@ -54,6 +58,8 @@ def snapshot(cfg: Any, board: Scoreboard) -> Dict[str, Any]:
             "rss_bytes": int(slot["rss"]) or None,  # type: ignore[call-overload]
             "cpu_percent": round(float(slot["cpu"]), 1),  # type: ignore[arg-type]
             "current": current,
+            "threads": int(slot["threads"]),  # type: ignore[call-overload]
+            "in_flight": in_flight,
         })
     workers.sort(key=lambda w: w["id"])
     queue = int(head["queue"])
@@ -89,6 +95,8 @@ def snapshot(cfg: Any, board: Scoreboard) -> Dict[str, Any]:
             "recycled": int(head["recycled"]),
             "shed": shed,
             "max_children_reached": int(head["max_children_reached"]),
+            "busy_threads": busy_threads,
+            "threads": threads,
         },
         "workers": workers,
     }
@@ -134,6 +142,8 @@ def render_text(data: Dict[str, Any]) -> str:
         f"listen   {li['bind']}  queue {queue}/{li['backlog']} (max {max_queue})",
         f"workers  {len(data['workers'])} ({data['mode']}, target {data['target_workers']}): "
         f"{t['active']} busy, {t['idle']} idle, max busy {t['max_active']}"
+        + (f"; threads {t['busy_threads']}/{t['threads']} busy"
+           if t["threads"] > len(data["workers"]) else "")
         + (f"  BACKOFF {data['backoff_s']}s" if data.get("backoff_s") else ""),
         f"requests {t['accepted']} served, {t['shed']} shed   workers: {t['respawns']} "
         f"respawned, {t['crashes']} crashed, {t['timeouts']} timed out, {t['recycled']} "
@@ -145,7 +155,7 @@ def render_text(data: Dict[str, Any]) -> str:
     for w in data["workers"]:
         cur = w["current"]
         current = (f"{cur['method']} {cur['uri']} ({human_duration(cur['elapsed_s'])})"
-                   if cur else "")
+                   if cur else "") + _more_in_flight(w)
         rows.append((str(w["id"]), str(w["pid"]), w["state"], str(w["generation"]),
                      str(w["requests"]), human_duration(w["uptime_s"]),
                      human_size(w["rss_bytes"]), f"{w['cpu_percent']:.1f}", current))
@@ -155,6 +165,12 @@ def render_text(data: Dict[str, Any]) -> str:
                  for i in range(len(widths))]
         lines.append("  ".join(cells + [r[-1]]).rstrip())
     return "\n".join(lines) + "\n"
+
+
+def _more_in_flight(worker: Dict[str, Any]) -> str:
+    """" +N more" after the oldest request of a threaded worker running several."""
+    more = len(worker.get("in_flight") or ()) - 1
+    return f" +{more} more" if more > 0 else ""
 
 
 def render_json(data: Dict[str, Any]) -> str:
@@ -201,6 +217,10 @@ def render_openmetrics(data: Dict[str, Any]) -> str:
     _metric(out, "max_active_workers", "gauge", "Most workers busy at once.",
             [((), t["max_active"])])
     _metric(out, "workers", "gauge", "Worker processes.", [((), len(data["workers"]))])
+    _metric(out, "busy_threads", "gauge", "Requests running now (app threads busy).",
+            [((), t["busy_threads"])])
+    _metric(out, "threads", "gauge", "App threads in all workers (workers.threads each).",
+            [((), t["threads"])])
     _metric(out, "generation", "gauge", "Reload generation.", [((), data["generation"])])
     _metric(out, "uptime_seconds", "gauge", "Seconds since the master started.",
             [((), data["uptime_s"])])
@@ -218,6 +238,8 @@ def render_openmetrics(data: Dict[str, Any]) -> str:
     _metric(out, "worker_busy", "gauge", "1 while this worker runs a request.",
             [(labels, 1 if w["state"] == "busy" else 0)
              for labels, w in zip(per, data["workers"])])
+    _metric(out, "worker_busy_threads", "gauge", "Requests this worker runs now.",
+            [(labels, len(w["in_flight"])) for labels, w in zip(per, data["workers"])])
     out.append("# EOF")
     return "\n".join(out) + "\n"
 
