@@ -1151,6 +1151,8 @@ class Master:
             busy_since = float(slot["busy_since"])  # type: ignore[arg-type]
             elapsed = now - busy_since
             what = f"{slot['method']} {slot['uri']}"
+            if rec.stop_reason == "timeout" and int(slot["threads"]) > 1:  # type: ignore
+                self._kill_when_only_hung_left(rec, slot, now)
             if rec.stop_reason is None and elapsed > w.timeout:
                 log.error("%s has run %s for %.0f s, past workers.timeout (%.0f s): its stack "
                           "follows, then it is killed and replaced", rec.name(), what,
@@ -1184,6 +1186,15 @@ class Master:
                     self.cfg.workers.graceful_timeout)
         self._signal(rec, signal.SIGTERM)
         rec.kill_at += self.cfg.workers.graceful_timeout
+
+    def _kill_when_only_hung_left(self, rec: WorkerRecord, slot: Dict[str, Any],
+                                  now: float) -> None:
+        """Once the other requests of a timed-out threaded worker are done (and its
+        stacks had STACK_GRACE to be written), waiting longer serves no one."""
+        grace_left = rec.kill_at - self.cfg.workers.graceful_timeout
+        if len(slot["in_flight"]) <= 1 and now >= grace_left and rec.kill_at > now:
+            log.info("%s: its other requests are done", rec.name())
+            rec.kill_at = now
 
     def _signal(self, rec: WorkerRecord, sig: int) -> None:
         try:
