@@ -9,10 +9,15 @@ does no work beyond what the server itself asks of it.
   more than one FastCGI record and exercises the server's output path.
 - ``post``: reads the whole request body (the benchmark sends 64 KiB) in chunks, as a form
   or upload handler would, and answers with its length; it exercises the input path.
+- ``sleep20``: waits 20 ms (a database query's stand-in), then answers like ``hello``; the
+  app threads are for (``bench/threads.py``).
+- ``wait``: waits 1 s, so that every request of a load is waiting at the same moment (the
+  memory a pool needs to hold that many, ``bench/threads.py``).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterable, List, Tuple
 
 StartResponse = Callable[[str, List[Tuple[str, str]]], object]
@@ -68,3 +73,15 @@ def post(environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         total += len(chunk)
         remaining -= len(chunk)
     return _respond(start_response, str(total).encode("ascii"), "text/plain")
+
+
+def sleep20(environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+    """Wait 20 ms, as for a database, then answer 13 bytes of plain text."""
+    time.sleep(0.020)
+    return _respond(start_response, HELLO_BODY, "text/plain")
+
+
+def wait(environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+    """Wait 1 s, then answer 13 bytes of plain text."""
+    time.sleep(1.0)
+    return _respond(start_response, HELLO_BODY, "text/plain")

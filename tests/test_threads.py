@@ -291,3 +291,42 @@ def test_keep_conn_with_more_kept_connections_than_threads(
     errors = [line for line in nginx.error_log().splitlines()
               if "[error]" in line or "upstream prematurely" in line or "reset" in line]
     assert not errors, errors
+
+
+def test_ondemand_forks_for_busy_threads_not_busy_processes(
+        make_manager: Any, tmp_path: Path) -> None:
+    manager = make_manager(APP, count=1, workers={"threads": 3, "mode": "ondemand",
+                                                   "max_workers": 4, "idle_timeout": 30})
+    manager.start()
+    release = tmp_path / "release"
+    with ThreadPoolExecutor(8) as pool:
+        holds = [pool.submit(get, manager, f"/hold?file={release}&n={i}") for i in range(2)]
+        busy_threads(manager, 2)
+        # One worker, two of its three threads busy: it still has room, so no new worker.
+        for _ in range(5):
+            assert get(manager, "/").status_code == 200
+        assert len(manager.status()["workers"]) == 1
+        # Its last thread taken: the next request needs a second worker.
+        holds.append(pool.submit(get, manager, f"/hold?file={release}&n=2"))
+        busy_threads(manager, 3)
+        assert get(manager, "/", timeout=30).status_code == 200
+        assert len(manager.status()["workers"]) == 2
+        release.touch()
+        assert [h.result().status_code for h in holds] == [200] * 3
+
+
+def test_dynamic_keeps_spare_threads(make_manager: Any, tmp_path: Path) -> None:
+    manager = make_manager(APP, count=1, workers={"threads": 4, "mode": "dynamic",
+                                                   "min_spare": 1, "max_spare": 2,
+                                                   "max_workers": 4})
+    manager.start()
+    release = tmp_path / "release"
+    with ThreadPoolExecutor(4) as pool:
+        holds = [pool.submit(get, manager, f"/hold?file={release}&n={i}") for i in range(2)]
+        busy_threads(manager, 2)
+        # Two free threads are less than one spare worker of four: the pool grows.
+        wait_for(lambda: len(manager.status()["workers"]) == 2, 15, "a second worker")
+        release.touch()
+        assert [h.result().status_code for h in holds] == [200] * 2
+    data = manager.status()
+    assert data["totals"]["threads"] == 8 and data["totals"]["crashes"] == 0
