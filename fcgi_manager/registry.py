@@ -224,10 +224,13 @@ def entries(clean: bool = True) -> List[Entry]:
     return found
 
 
+def find_all(*, config: str = "", pidfile: str = "", pid: int = 0) -> List[Entry]:
+    """The live masters registered with this config file, pidfile or pid."""
+    return [e for e in entries() if (config and e.config == config)
+            or (pidfile and e.pidfile == pidfile) or (pid and e.pid == pid)]
+
+
 def find(*, config: str = "", pidfile: str = "", pid: int = 0) -> Optional[Entry]:
-    """The live master registered with this config file, pidfile or pid."""
-    for entry in entries():
-        if (config and entry.config == config) or (pidfile and entry.pidfile == pidfile) \
-                or (pid and entry.pid == pid):
-            return entry
-    return None
+    """The live master registered with this config file, pidfile or pid (the oldest)."""
+    found = find_all(config=config, pidfile=pidfile, pid=pid)
+    return found[0] if found else None

@@ -80,6 +80,12 @@ def by_config(path: str) -> Target:
         if "does not exist" in exc.message and not registry.find(config=path):
             raise
         return _broken(path, exc)
+    running = registry.find_all(config=path)
+    if len(running) == 1 and running[0].control != cfg.manager.control:
+        # Its master was started with other settings (a flag, a variable): talk to it
+        # where it listens, not where the file alone would put it.
+        entry = running[0]
+        return Target(entry.control, entry.pidfile, cfg, path, entry=entry)
     return Target(cfg.manager.control, cfg.manager.pidfile, cfg, path)
 
 

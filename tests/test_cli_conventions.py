@@ -545,3 +545,22 @@ def test_a_scale_is_kept_across_reload_unless_workers_count_changes(
     assert m.cli("reload", timeout=90).returncode == 0
     m.wait_workers(2, timeout=30, generation=3)
     m.wait_log("workers.count is now 2 in the config: it replaces the earlier scale to 3")
+
+
+def test_commands_find_a_master_started_with_other_paths_by_its_config(
+        make_manager: MakeManager, tmp_path: Path) -> None:
+    m = make_manager("hello:app", count=1)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {"FCGI_MANAGER_MANAGER_PIDFILE": str(elsewhere / "x.pid"),
+           "FCGI_MANAGER_MANAGER_CONTROL": str(elsewhere / "x.ctl")}
+    started = m.cli("start", env=env, timeout=90)
+    assert started.returncode == 0, started
+    status = m.cli("status", "--json")  # without the variables: the file alone says app.ctl
+    assert status.returncode == 0, status
+    pid = json.loads(status.stdout)["pid"]
+    m.tracker.add(pid)
+    assert (elsewhere / "x.pid").read_text().split()[0] == str(pid)
+    stop = m.cli("stop", timeout=60)
+    assert stop.returncode == 0 and "stopped" in stop.stdout, stop
+    wait_for(lambda: not pid_alive(pid), 10, "the master to exit")
