@@ -222,6 +222,10 @@ def test_run_takes_gunicorns_flags_and_c_and_is_managed_by_pidfile(tmp_path: Pat
         assert data["listen"]["bind"] == f"unix:{sock}"  # -c was loaded: its bind
         reply = fcgi_manager(["request", "/", "--pidfile", str(pidfile)], cwd=tmp_path)
         assert reply.returncode == 0 and reply.stdout == "greeting=hello from -e\n", reply
+        scaled = fcgi_manager(["scale", "+1", "--pidfile", str(pidfile)], cwd=tmp_path)
+        assert scaled.returncode == 0 and "scaled from 2 to 3" in scaled.stdout, scaled
+        reopened = fcgi_manager(["reopen-logs", "--pidfile", str(pidfile)], cwd=tmp_path)
+        assert reopened.returncode == 0, reopened
         listed = fcgi_manager(["status", "--all"], cwd=tmp_path)
         assert listed.returncode == 0, listed
         line = next(x for x in listed.stdout.splitlines() if str(proc.pid) in x)
