@@ -27,7 +27,8 @@ The registry of a user (first that is usable):
 
 A directory that is not ours, or that others can write to, is not used (OpenSSH's
 StrictModes): a forged entry could send ``status`` to the wrong socket. Root also reads
-the other users' registries (it can reach every master), without cleaning them.
+the other users' registries (it can reach every master), without cleaning them, and
+believes an entry there only if its master and its control socket belong to that user.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import os
 import stat
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import psutil
 
@@ -184,25 +185,45 @@ def _read(path: str) -> Optional[Entry]:
         return None
 
 
-def _directories() -> Iterator[tuple]:
-    """(directory, may_clean) for every registry this user can read."""
+def _directories() -> Iterator[Tuple[str, bool, Optional[int]]]:
+    """(directory, may_clean, owner) for every registry this user can read; ``owner`` is
+    set for another user's registry, whose entries must prove they are that user's."""
     uid = os.geteuid()
     seen = set()
     for path in candidates():
         seen.add(path)
-        yield path, not _safe_dir(path, uid)
+        yield path, not _safe_dir(path, uid), None
     if uid == 0 and not os.environ.get("FCGI_MANAGER_REGISTRY"):
         others = glob.glob("/run/user/*/fcgi-manager") + glob.glob(
             os.path.join(tempfile.gettempdir(), "fcgi-manager-*"))
         for path in sorted(others):
-            if path not in seen and os.path.isdir(path) and not os.path.islink(path):
-                yield path, False
+            if path in seen:
+                continue
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode) and not _safe_dir(path, st.st_uid):
+                yield path, False, st.st_uid
+
+
+def _vouched(entry: Entry, owner: Optional[int]) -> bool:
+    """An entry in another user's registry names that user's own master and socket (root
+    must not be sent to a socket of the writer's choosing)."""
+    if owner is None:
+        return True
+    try:
+        st = os.lstat(entry.control)
+        return entry.uid == owner and stat.S_ISSOCK(st.st_mode) and st.st_uid == owner \
+            and psutil.Process(entry.pid).uids().effective == owner
+    except (OSError, psutil.Error):
+        return False
 
 
 def entries(clean: bool = True) -> List[Entry]:
     """Every live master registered, oldest first; stale entries are removed on the way."""
     found = []
-    for directory, may_clean in _directories():
+    for directory, may_clean, owner in _directories():
         try:
             names = os.listdir(directory)
         except OSError:
@@ -214,7 +235,8 @@ def entries(clean: bool = True) -> List[Entry]:
             if entry is None:
                 continue
             if entry.alive():
-                found.append(entry)
+                if _vouched(entry, owner):
+                    found.append(entry)
             elif clean and may_clean:
                 try:
                     os.unlink(entry.path)
