@@ -10,11 +10,13 @@ verbatim, so the quick start cannot drift from what works.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import pwd
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -86,14 +88,12 @@ class Reader:
             shim = self.bin / "fcgi-manager"
             shim.write_text(f'#!/bin/sh\nexec {python} -m fcgi_manager "$@"\n')
             os.chmod(shim, 0o755)
-            registry = home / "registry"
-            registry.mkdir(mode=0o700)
-            os.chown(registry, self.user.pw_uid, self.user.pw_gid)
-            env["FCGI_MANAGER_REGISTRY"] = str(registry)
         else:
             os.symlink(program, self.bin / "fcgi-manager")
         env["PATH"] = f"{self.bin}:{os.environ.get('PATH', '/usr/bin:/bin')}"
         self.env = child_env(env)
+        if self.user is not None:  # its own registry, where it would be without the tests
+            self.env.pop("FCGI_MANAGER_REGISTRY", None)
 
     def run(self, command: str, cwd: Path) -> subprocess.CompletedProcess:
         kwargs: Dict[str, object] = {}
@@ -170,11 +170,25 @@ def test_the_quick_start_works_as_written(site: Site, procs: Procs, as_root: boo
             procs.add(pid)
             if reader.user is not None:
                 assert os.stat(f"/proc/{pid}").st_uid == reader.user.pw_uid
+                seen_by_root(pid, reader)
         if command.endswith(" status"):
             assert "master pid" in result.stdout
     assert started, "the quick start starts fcgi-manager"
     assert not (app_dir / "app.fcgi-manager.pid").exists(), "stop removed the pidfile"
     assert not (app_dir / "run" / "fcgi.sock").exists(), "stop removed the socket"
+
+
+def seen_by_root(pid: int, reader: Reader) -> None:
+    """A normal user's master is in its own registry, and root's `status --all` (which
+    reads every user's) lists it too."""
+    mine = reader.run("fcgi-manager status --all --json", Path("/"))
+    assert mine.returncode == 0 and pid in {r["pid"] for r in json.loads(mine.stdout)}, mine
+    env = {k: v for k, v in reader.env.items() if k != "FCGI_MANAGER_REGISTRY"}
+    root = subprocess.run([sys.executable, "-m", "fcgi_manager", "status", "--all", "--json"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert root.returncode == 0, root
+    rows = {r["pid"]: r for r in json.loads(root.stdout)}
+    assert pid in rows and rows[pid]["answering"], root.stdout
 
 
 def served(nginx: Nginx, port: int, procs: Procs, started: bool) -> None:
