@@ -492,7 +492,8 @@ def test_stop_shows_what_it_waits_for_on_a_terminal_and_nothing_when_piped(
     m = make_manager(count=1)
     m.start()
     m.record()
-    slow = SlowRequest(m, 2)
+    # Long enough that the CLI, started on a loaded machine, still finds it running.
+    slow = SlowRequest(m, 5)
     slow.wait_busy()
     shown = _run_with_tty_stderr(["-c", str(m.config), "stop"], m.tmp)
     slow.join()

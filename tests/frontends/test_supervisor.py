@@ -141,6 +141,7 @@ def test_stop_leaves_nothing_and_start_serves_again(supervisor: Supervisor, name
 
 
 def test_shutdown_leaves_nothing(supervisor: Supervisor) -> None:
+    supervisor.wait_running(*PROGRAMS)  # an earlier test may have just restarted one
     family = [pid for name in PROGRAMS for pid in supervisor.family(name)]
     r = supervisor.ctl("shutdown")
     assert r.returncode == 0, r
