@@ -5,28 +5,14 @@ the environment gives it, and TERM drains it (shutdown_delay), then stops it, ex
 
 from __future__ import annotations
 
-import shutil
 import signal
-import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
 
-import pytest
 from support import fcgi_request, require_program, wait_for
 
 from .examples import ImageRoot, final_stage
 from .support import Pid1Master, status
-
-
-@pytest.fixture
-def image_root() -> Iterator[Path]:
-    # Not pytest's tmp_path: its parents are private to root, and the image's user
-    # (uid 10001) must reach the app and the socket directory.
-    root = Path(tempfile.mkdtemp(prefix="fcgi-image-", dir="/tmp"))
-    root.chmod(0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_the_image_command_serves_as_pid1_and_non_root(image_root: Path) -> None:
