@@ -5,13 +5,14 @@ the environment gives it, and TERM drains it (shutdown_delay), then stops it, ex
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from pathlib import Path
 
 from support import fcgi_request, require_program, wait_for
 
-from .examples import ImageRoot, final_stage
+from .examples import EXAMPLES, ImageRoot, dockerfile_stages, final_stage
 from .support import Pid1Master, status
 
 
@@ -69,3 +70,22 @@ def test_the_image_command_serves_as_pid1_and_non_root(image_root: Path) -> None
     finally:
         leaked = master.cleanup()
     assert not leaked, master.text()
+
+
+def test_the_build_installs_what_the_app_imports() -> None:
+    """examples/docker/requirements.txt: the app's own requirements, installed into the
+    venv by the build stage (fcgi-manager itself comes from the checkout)."""
+    build = dockerfile_stages()[0]
+    runs = " ".join(build.all("RUN"))
+    assert "/opt/venv/bin/pip install -r /src/requirements.txt" in runs
+    assert "/opt/venv/bin/pip install /src/fcgi-manager" in runs
+    copied = {dest: sources for sources, dest, _ in build.copies()}
+    assert copied["/src/requirements.txt"] == ["examples/docker/requirements.txt"]
+    wanted = [line.split(">=")[0].strip().lower() for line in
+              (EXAMPLES / "docker" / "requirements.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    app = (EXAMPLES / "flask_app" / "yourapplication.py").read_text()
+    imported = set(re.findall(r"^(?:from|import) (\w+)", app, re.MULTILINE))
+    assert imported - {"os", "sys", "json"} <= set(wanted), (imported, wanted)
+    final = {dest for _, dest, _ in final_stage().copies()}
+    assert "/app/" in final and "/opt/venv" in final

@@ -1,6 +1,9 @@
 """examples/kubernetes/: every manifest validates against the Kubernetes API schemas
 (offline, strict: an unknown field is an error), and the numbers and names that must
-agree across the files, the Dockerfile and fcgi-manager's config do agree."""
+agree across the files, the Dockerfile and fcgi-manager's config do agree.
+
+The manifests: deployment.yaml and nginx-configmap.yaml (also run by test_rollout.py),
+service.yaml, poddisruptionbudget.yaml, hpa.yaml, prometheus-adapter.yaml."""
 
 from __future__ import annotations
 

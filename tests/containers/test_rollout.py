@@ -1,13 +1,14 @@
 """A pod's life and a rollout, simulated with real processes and the shipped examples.
 
-Two "pods", each as examples/kubernetes/deployment.yaml describes it: fcgi-manager running
-the image's command with the image's ENV and the pod's env (examples/docker/Dockerfile),
-as the image's user and PID 1 of its own PID namespace, and nginx with the ConfigMap's
-nginx.conf, the two sharing a socket directory (the emptyDir). In front, an nginx that
-plays the Service: an upstream of both pods' HTTP ports, without retries (a Service does
-not retry). The test plays the kubelet and the endpoints controller: it probes each pod's
-readiness as the Deployment says (path, period, failure threshold) and takes a pod out of
-the Service's upstream when the probe fails.
+Two "pods", each as examples/kubernetes/deployment.yaml describes it: fcgi-manager
+running the image's command with the image's ENV and the pod's env
+(examples/docker/Dockerfile), as the image's user and PID 1 of its own PID namespace, and
+nginx with the nginx.conf of examples/kubernetes/nginx-configmap.yaml, the two sharing a
+socket directory (the emptyDir). In front, an nginx that plays the Service: an upstream
+of both pods' HTTP ports, without retries (a Service does not retry). The test plays the
+kubelet and the endpoints controller: it probes each pod's readiness as the Deployment
+says (path, period, failure threshold) and takes a pod out of the Service's upstream when
+the probe fails.
 
 The rollout: clients send requests through the Service; pod A is deleted (TERM to its
 fcgi-manager; its nginx runs the preStop hook, then gets the image's STOPSIGNAL, QUIT).
