@@ -216,9 +216,10 @@ def resource(kind: str, name: str = "") -> Dict[str, Any]:
     return found[0]
 
 
-def container(name: str) -> Dict[str, Any]:
+def container(name: str, kind: str = "containers") -> Dict[str, Any]:
+    """A container of the Deployment's pod (``kind="initContainers"`` for those)."""
     pod = resource("Deployment")["spec"]["template"]["spec"]
-    return next(c for c in pod["containers"] if c["name"] == name)
+    return next(c for c in pod[kind] if c["name"] == name)
 
 
 def container_env(name: str) -> Dict[str, str]:

@@ -128,6 +128,19 @@ def test_the_app_container_runs_the_image_as_its_user() -> None:
     assert "ENTRYPOINT" not in DOCKERFILE.read_text(), "no wrapper before fcgi-manager"
 
 
+def test_the_socket_directory_is_given_to_the_app_user() -> None:
+    """An emptyDir is mode 0777; the init container hands it to the image's user before
+    fcgi-manager creates its socket, pidfile and control socket there."""
+    init = container("socket-dir", "initContainers")
+    uid, gid = final_stage().user()
+    socket_dir = str(Path(_image_config()["listen"]["bind"][len("unix:"):]).parent)
+    script = init["command"][-1]
+    assert f"chown {uid}:{gid} {socket_dir}" in script and f"chmod 0755 {socket_dir}" in script
+    mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    assert mounts == {"fcgi-socket": socket_dir}
+    assert init["image"] == container("app")["image"], "no other image to pull"
+
+
 def test_selectors_names_and_the_autoscaler_agree() -> None:
     deployment = resource("Deployment")
     labels = deployment["spec"]["template"]["metadata"]["labels"]

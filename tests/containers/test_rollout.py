@@ -19,6 +19,7 @@ moves to pod B: not one request fails.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import threading
@@ -107,6 +108,14 @@ class Pod:
     def start(self) -> Pod:
         setpriv = require_program("setpriv")
         image = self.image.build()
+        # The emptyDir as the kubelet makes it (root's, mode 0777), then the init container.
+        socket_dir = Path(image.path("/run/fcgi"))
+        os.chown(socket_dir, 0, 0)
+        socket_dir.chmod(0o777)
+        init = container("socket-dir", "initContainers")
+        assert init["securityContext"]["runAsUser"] == 0
+        subprocess.run([image.rewrite(word) for word in init["command"]], check=True,
+                       timeout=30)
         env = image.environment(container_env("app"))
         self.workers = int(env["WEB_CONCURRENCY"])
         self.shutdown_delay = float(env["FCGI_MANAGER_MANAGER_SHUTDOWN_DELAY"])
