@@ -210,7 +210,7 @@ http {{
 
 class Load:
     """CLIENTS threads sending GET /hello/NAME through the Service until stopped; every
-    answer is checked and recorded with the pod that served it and when."""
+    answer is checked and recorded with the pod that served it and when it was sent."""
 
     def __init__(self, port: int) -> None:
         self.port = port
@@ -224,9 +224,10 @@ class Load:
         while not self.done.is_set():
             i += 1
             try:
+                sent = time.monotonic()
                 r = http_request(self.port, "GET", f"/hello/c{n}-{i}", timeout=30)
                 if r.status == 200 and r.body == f"Hello, c{n}-{i}!\n".encode():
-                    self.served.append((time.monotonic(), r.header("X-Pod") or ""))
+                    self.served.append((sent, r.header("X-Pod") or ""))
                 else:
                     self.failures.append(f"{r.status} from {r.header('X-Pod')}: {r.body[:200]!r}")
             except Exception as exc:  # noqa: BLE001 - every failure is counted
