@@ -123,6 +123,9 @@ def test_the_app_container_runs_the_image_as_its_user() -> None:
     assert (security["runAsUser"], security["runAsGroup"]) == (uid, gid)
     assert security["runAsNonRoot"] and not security["allowPrivilegeEscalation"]
     assert "WEB_CONCURRENCY" in container_env("app")
+    if security.get("readOnlyRootFilesystem"):
+        mounts = {m["mountPath"]: m["name"] for m in app["volumeMounts"]}
+        assert "/tmp" in mounts, "large request bodies are spooled to a temp file"
     cmd = final_stage().cmd()
     assert cmd == ["fcgi-manager", "-c", "/app/fcgi-manager.toml", "start", "--foreground"]
     assert "ENTRYPOINT" not in DOCKERFILE.read_text(), "no wrapper before fcgi-manager"
