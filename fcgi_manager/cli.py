@@ -65,7 +65,9 @@ HELP: Dict[str, Tuple[str, str, str]] = {
         "0 started, or already running\n1 failed (the reason is printed)\n2 usage error"),
     "stop": (
         "graceful stop",
-        "Stop accepting, let requests in flight finish within workers.graceful_timeout, "
+        "With manager.shutdown_delay, first drain for that long: the ping path answers "
+        "503 \"draining\" while requests are still served. Then stop accepting, let "
+        "requests in flight finish within workers.graceful_timeout, "
         "then kill what is left; wait until the master has exited. On a terminal, shows "
         "what it waits for. Works with a broken config file (the running master's own "
         "paths are used) and with --pidfile for `run` and WSGIServer masters.",
@@ -172,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--foreground", "-f", action="store_true",
                        help="stay in the foreground (Supervisor, systemd, containers)")
     stop = _subparser(sub, "stop")
-    stop.add_argument("--now", action="store_true", help="stop within 5 s")
+    stop.add_argument("--now", action="store_true", help="stop within 5 s (no shutdown_delay)")
     _pidfile_option(stop)
     _subparser(sub, "restart")
     reload = _subparser(sub, "reload")

@@ -12,7 +12,7 @@ import time
 from typing import Callable
 
 import pytest
-from support import Manager, fcgi_request, pid_alive, wait_for
+from support import Manager, fcgi_manager, fcgi_request, pid_alive, wait_for
 
 from .support import child_env
 
@@ -103,3 +103,11 @@ def test_int_cuts_the_drain_short(make_manager: Callable[..., Manager]) -> None:
     os.kill(pid, signal.SIGINT)
     wait_for(lambda: not pid_alive(pid), 10, "the master to stop at once on INT")
     assert time.monotonic() - began < 10
+
+
+def test_stop_help_tells_about_the_drain() -> None:
+    result = fcgi_manager(["stop", "--help"], timeout=30)
+    assert result.returncode == 0, result
+    text = " ".join(result.stdout.split())
+    assert 'the ping path answers 503 "draining"' in text and "manager.shutdown_delay" in text
+    assert "--now stop within 5 s (no shutdown_delay)" in text
