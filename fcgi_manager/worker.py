@@ -16,8 +16,13 @@ is not running a request:
 * **Keep-conn without pinning.** After END_REQUEST a kept connection goes back into the
   epoll set beside the listening socket; the worker serves whichever is ready first, so
   nginx's cached connections never make new connections wait in the accept queue (the
-  php-fpm/flup stall). At most ``max_idle_connections`` are held; past that the oldest
-  idle one is closed (nginx sees a clean FIN and opens a new one).
+  php-fpm/flup stall). At most ``max_idle_connections`` are held (checked each time one
+  becomes idle); past that the oldest idle one is closed (nginx sees a clean FIN and opens
+  a new one).
+* **Bounded.** At most ``MAX_UNFINISHED`` connections still sending their request (past
+  that the oldest is closed); a body past ``workers.max_body`` is answered 413 without
+  calling the app; a connection that sends more than ``MAX_REPLIES`` records needing a
+  reply (management records, refused or aborted requests) without a request is closed.
 
 Exit codes tell the master why the worker ended (see ``EXIT_*``); the master logs them.
 Stacks: ``SIGUSR2`` makes faulthandler write every thread's stack to stderr (which the
@@ -49,6 +54,7 @@ from .wsgi import (
     EnvironBuilder,
     ErrorStream,
     RequestAborted,
+    new_body,
     request_path,
     run_app,
     simple_response,
@@ -65,6 +71,9 @@ IDLE_CONN_TIMEOUT = 300.0
 MEMORY_CHECK_EVERY = 1.0  # seconds between two max_memory checks (always between requests)
 STOP_IDLE_GRACE = 1.0  # seconds an idle kept connection stays open once stopping
 FIRST_READ_WAIT = 0.01  # seconds the read right after accept may wait for the request
+MAX_UNFINISHED = 128  # connections per worker still sending their request (SPEC: Limits)
+MAX_REPLIES = 64  # records answered on a connection without a request being served
+UNBOUNDED_SEND = 65536  # bytes a unix connection may be sent before it needs SO_SNDTIMEO
 _EPOLLIN = select.EPOLLIN
 
 log = logging.getLogger("fcgi_manager.worker")
@@ -80,7 +89,8 @@ class Conn:
     """
 
     __slots__ = ("fd", "parser", "params", "body", "request_id", "deadline",
-                 "registered", "last_used", "peer", "pending", "_poller", "timed")
+                 "registered", "last_used", "peer", "pending", "_poller", "timed",
+                 "untimed_sent", "replies")
 
     lazy_sndtimeo: Optional[bytes] = None  # set by the worker for unix sockets
 
@@ -97,6 +107,8 @@ class Conn:
         self.pending: List[Any] = []  # events that arrived while the app ran
         self._poller: Any = None
         self.timed = False
+        self.untimed_sent = 0  # bytes written before SO_SNDTIMEO was set (unix sockets)
+        self.replies = 0  # records answered since the last request served (see MAX_REPLIES)
 
     def _set_send_timeout(self) -> None:
         """SO_SNDTIMEO on this connection (unix sockets do not inherit the listener's)."""
@@ -144,10 +156,13 @@ class Conn:
     def send(self, data: bytes) -> None:
         """Write all of ``data`` (blocking, bounded by SO_SNDTIMEO)."""
         fd = self.fd
-        if self.lazy_sndtimeo is not None and not self.timed and (
-                len(data) >= 65536 or self.last_used):
-            # It could block now: a large write, or a kept connection (many responses).
-            self._set_send_timeout()
+        if self.lazy_sndtimeo is not None and not self.timed:
+            # A fresh unix socket's send buffer (~208 KiB) takes the first 64 KiB without
+            # blocking; anything more could block (a large or streamed response, a kept
+            # connection, a flood of management replies): bound it from then on.
+            self.untimed_sent += len(data)
+            if self.untimed_sent >= UNBOUNDED_SEND:
+                self._set_send_timeout()
         try:
             sent = os.write(fd, data)
             total = len(data)
@@ -194,6 +209,7 @@ class Worker:
         self.max_requests = max_requests
         self.max_memory = w.max_memory
         self.max_body_in_memory = w.max_body_in_memory
+        self.max_body = w.max_body
         self.read_timeout = w.read_timeout
         self.max_idle = max(1, w.max_idle_connections)
         self.queue_timeout = w.queue_timeout
@@ -493,11 +509,7 @@ class Worker:
             elif kind is protocol.Params:
                 conn.params = ev.params
                 try:
-                    expected = int(ev.params.get("CONTENT_LENGTH") or 0)
-                except ValueError:
-                    expected = 0
-                try:
-                    conn.body = BodyBuffer(self.max_body_in_memory, expected)
+                    conn.body = new_body(ev.params, self.max_body_in_memory, self.max_body)
                 except OSError as exc:  # no temporary file: out of descriptors, no space
                     return self._spool_failed(conn, exc)
             elif kind is protocol.StdinEnd:
@@ -540,6 +552,21 @@ class Worker:
         return {n: known[n] for n in names if n in known}
 
     def _send(self, conn: Conn, data: bytes) -> bool:
+        """Answer a record that needs no app (management, refused or aborted request).
+
+        Bounded twice: the write by ``write_timeout`` (set at once on a unix socket, whose
+        peer may flood requests and never read), the number of such answers by
+        ``MAX_REPLIES`` between two requests served -- past that the peer is not a web
+        server doing its job, and the connection is closed.
+        """
+        conn.replies += 1
+        if conn.replies > MAX_REPLIES:
+            log.warning("closed a connection from %s: more than %d records to answer without "
+                        "a request (not a web server?)", _peer_name(conn.peer), MAX_REPLIES)
+            self._close(conn)
+            return False
+        if conn.lazy_sndtimeo is not None and not conn.timed:
+            conn._set_send_timeout()
         try:
             conn.send(data)
             return True
@@ -567,13 +594,42 @@ class Worker:
                 self._close(conn)
                 return
             conn.registered = True
-            # Only kept connections that finished a request count as idle: a new one
-            # still waiting for its first bytes is never closed under its client.
-            idle = [c for c in self.conns.values()
-                    if c.registered and c.last_used and not c.mid_request()]
-            if len(idle) > self.max_idle:
-                oldest = min(idle, key=lambda c: c.last_used)
-                self._close(oldest)
+            if len(self.conns) > self.max_idle:
+                self._cap_idle()
+            if len(self.conns) > MAX_UNFINISHED:
+                self._cap_unfinished()
+
+    def _cap_idle(self) -> None:
+        """At most ``max_idle_connections`` idle kept connections: close the oldest.
+
+        Called when a connection is first watched and each time one becomes idle again.
+        Only kept connections that finished a request count as idle: a new one still
+        waiting for its first bytes is never closed under its client.
+        """
+        idle = [c for c in self.conns.values() if c.last_used and not c.mid_request()]
+        if len(idle) > self.max_idle:
+            idle.sort(key=lambda c: c.last_used)
+            for conn in idle[: len(idle) - self.max_idle]:
+                self._close(conn)
+
+    def _cap_unfinished(self) -> None:
+        """At most ``MAX_UNFINISHED`` connections still sending a request: close the oldest.
+
+        Each holds a parser buffer and maybe a spooled body until ``read_timeout``; a
+        client that opens hundreds and sends slowly must cost a bounded amount. The oldest
+        is the one whose request began first (its read deadline is the earliest).
+        """
+        unfinished = [c for c in self.conns.values()
+                      if c.registered and (c.mid_request() or not c.last_used)]
+        excess = len(unfinished) - MAX_UNFINISHED
+        if excess <= 0:
+            return
+        unfinished.sort(key=lambda c: c.deadline)
+        for conn in unfinished[:excess]:
+            self._close(conn)
+        log.warning("closed %d connection(s) still sending a request: more than %d "
+                    "unfinished in this worker (slow or stalled clients?)",
+                    excess, MAX_UNFINISHED)
 
     def _close(self, conn: Conn) -> None:
         """Close without a reset.
@@ -619,8 +675,12 @@ class Worker:
         slot.busy(method, uri)
         send = conn.send
         keep = conn.parser.keep_conn
+        conn.replies = 0
         try:
-            special = self._special(params) if self.has_special else None
+            if conn.body is not None and conn.body.too_large:
+                special = self._too_large(conn.body.size, params)
+            else:
+                special = self._special(params) if self.has_special else None
             if special is not None:
                 status, body, ctype, extra = special
                 simple_response(send, rid, status, body, ctype, extra)
@@ -660,6 +720,10 @@ class Worker:
         if not keep or self.stopping:
             self._close(conn)  # while stopping: FIN right behind END_REQUEST (see above)
             return False
+        if len(self.conns) > self.max_idle:
+            self._cap_idle()
+            if conn.fd not in self.conns:
+                return False
         if conn.pending:
             return self._handle_events(conn, self._take_pending(conn))
         return True
@@ -668,6 +732,16 @@ class Worker:
     def _take_pending(conn: Conn) -> List[Any]:
         events, conn.pending = conn.pending, []
         return events
+
+    def _too_large(self, received: int, params: Dict[str, str]) -> tuple:
+        """The 413 for a body past ``workers.max_body`` (the app is not called)."""
+        announced = params.get("CONTENT_LENGTH") or "none"
+        log.warning("answered 413 to %s: request body over workers.max_body (%d bytes; "
+                    "CONTENT_LENGTH %s, %d received)", params.get("REQUEST_METHOD", "?"),
+                    self.max_body, announced[:20], received)
+        return ("413 Content Too Large",
+                b"Content Too Large: the request body is over this server's limit\n",
+                "text/plain; charset=utf-8", [])
 
     def _special(self, params: Dict[str, str]) -> Optional[tuple]:
         """Answers the worker gives itself: ping, status page, queue-timeout shedding."""
@@ -688,7 +762,8 @@ class Worker:
                             "text/plain; charset=utf-8", [("Retry-After", "1")])
         if self.special_prefixes:
             raw = params.get("DOCUMENT_URI") or params.get("REQUEST_URI", "")
-            if not raw.startswith(self.special_prefixes) and "%" not in raw:
+            if not raw.startswith(self.special_prefixes) and "%" not in raw and \
+                    raw[:1] == "/":
                 return None  # the common case, decided without decoding the path
             path = request_path(params)
             if path and path == self.ping_path:

@@ -2,9 +2,21 @@
 as STDOUT records.
 
 This module knows WSGI and the FastCGI record format, and nothing of sockets: the worker
-hands :func:`run_app` a ``send(bytes)`` callable. Output is gathered so that a small
-response (headers + body + END_REQUEST) leaves in one ``send``; a large or streamed one is
-flushed whenever 64 KiB are pending.
+hands :func:`run_app` a ``send(bytes)`` callable.
+
+Output follows PEP 3333's "must not delay the transmission of any block": every block an
+app's iterable yields, and every ``write()``, is sent before the app is asked for the next
+one, so a progress page or server-sent events reach a front end with buffering off as they
+are produced. Only what is already there is coalesced: a list or tuple (the usual
+``return [body]``) is gathered with its END_REQUEST into one ``send`` (64 KiB at a time when
+large), so the common response costs one write. Headers go out with the first non-empty
+block, which leaves ``start_response(..., exc_info)`` free to replace them until then.
+
+What the app sends is checked before it reaches the front end: a status line that is not
+``NNN Reason``, a header name that is not an HTTP token, a value with CR/LF or other control
+characters or outside latin-1 -- any of them is a 500 with a logged traceback, never a forged
+header or a response the front end cannot parse. So is ``SystemExit`` from the app: the
+worker lives on.
 
 Path rules (so that routing works at the root and under a sub-path):
 
@@ -17,15 +29,22 @@ Path rules (so that routing works at the root and under a sub-path):
   that names the script (``/yourapplication.fcgi`` after mod_fcgid's RewriteRule) is
   replaced and PATH_INFO kept as sent. ``app.fix_root_url`` moves SCRIPT_NAME into
   PATH_INFO (lighttpd mounted at "/").
+
+When the path is read from REQUEST_URI, every request-target form of RFC 9112 §3.2 is
+understood: origin-form (``/path?query``), absolute-form (``http://host/path?query``, which
+an HTTP/1.1 server must accept and a raw FastCGI client may pass through) and asterisk-form
+(``OPTIONS *``, read as an empty PATH_INFO: the server as a whole). The query string is never
+part of PATH_INFO.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import sys
 import tempfile
 import traceback
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 from urllib.parse import unquote
 
 from . import protocol
@@ -132,13 +151,55 @@ class ErrorStream:
         return data
 
 
+# "scheme://authority" at the start of an absolute-form request target (RFC 3986 §3).
+_SCHEME_AUTHORITY = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+
+
+def target_path(target: str) -> str:
+    """The path of a request target, undecoded and without its query.
+
+    Origin-form gives its path; absolute-form drops ``scheme://authority`` (``/`` if no
+    path follows); asterisk-form (``*``) gives "" -- the validator and every framework
+    want PATH_INFO empty or starting with "/", and "" routes to the root, where ``OPTIONS``
+    is answered for the whole app; REQUEST_URI still says ``*``.
+    """
+    path = target.split("?", 1)[0]
+    if path[:1] == "/" or not path:
+        return path
+    if path == "*":
+        return ""
+    match = _SCHEME_AUTHORITY.match(path)
+    if match is not None:
+        return path[match.end():] or "/"
+    return path
+
+
 def request_path(params: Dict[str, str]) -> str:
     """The decoded path of the request URI (for status/ping pages and root-mount detection)."""
     uri = params.get("DOCUMENT_URI") or params.get("REQUEST_URI", "")
-    path = uri.split("?", 1)[0]
+    path = target_path(uri)
     if "%" in path:
         path = unquote(path, encoding="latin-1")
     return path
+
+
+def _split_host(host: str) -> Tuple[str, str]:
+    """``name[:port]`` or ``[v6]:port`` into (name, port); a bare IPv6 address has no port."""
+    if host.startswith("["):
+        name, _, port = host[1:].partition("]")
+        return name, port[1:]
+    if host.count(":") == 1:
+        name, _, port = host.partition(":")
+        return name, port
+    return host, ""
+
+
+def content_length(params: Dict[str, str]) -> Optional[int]:
+    """CONTENT_LENGTH as an integer; None when absent, empty or not a plain decimal."""
+    value = params.get("CONTENT_LENGTH")
+    if value and value.isdigit() and value.isascii():
+        return int(value)
+    return None
 
 
 class EnvironBuilder:
@@ -165,6 +226,7 @@ class EnvironBuilder:
             "QUERY_STRING": "",
             "REQUEST_METHOD": "GET",
             "SERVER_PROTOCOL": "HTTP/1.0",
+            "GATEWAY_INTERFACE": "CGI/1.1",
         }
         self.script_name = script_name.rstrip("/") if script_name is not None else None
         self.fix_root_url = fix_root_url
@@ -178,19 +240,13 @@ class EnvironBuilder:
             "REQUEST_SCHEME"
         ) == "https":
             environ["wsgi.url_scheme"] = "https"
-        default_port = "443" if environ["wsgi.url_scheme"] == "https" else "80"
-        if "SERVER_NAME" not in params:
-            host = params.get("HTTP_HOST", "localhost")
-            if host.startswith("["):
-                name, _, port = host[1:].partition("]")
-                port = port[1:]
-            else:
-                name, _, port = host.partition(":")
-            environ["SERVER_NAME"] = name or "localhost"
-            if "SERVER_PORT" not in params:
-                environ["SERVER_PORT"] = port or default_port
-        elif "SERVER_PORT" not in params:
-            environ["SERVER_PORT"] = default_port
+        name = params.get("SERVER_NAME")
+        port = params.get("SERVER_PORT")
+        if not name or not port or ":" in name or not port.isdigit():
+            self._server_address(environ, params)
+        if not environ["REQUEST_METHOD"] or not environ["SERVER_PROTOCOL"] or \
+                "QUERY_STRING" not in params:
+            self._fill_request_line(environ, params)
         if "PATH_INFO" not in params:
             self._guess_path_info(environ, params)
         if self.script_name is not None:
@@ -206,13 +262,47 @@ class EnvironBuilder:
         elif self.fix_root_url:
             environ["PATH_INFO"] = environ["SCRIPT_NAME"] + environ["PATH_INFO"]
             environ["SCRIPT_NAME"] = ""
+        script = environ["SCRIPT_NAME"]
+        path = environ["PATH_INFO"]
+        if script[-1:] == "/" or (path and path[0] != "/") or (script and script[0] != "/"):
+            _normalize_split(environ, script, path)
         cl = params.get("CONTENT_LENGTH")
-        if cl is not None and not cl:
+        if cl is not None and (not cl or not cl.isdigit() or not cl.isascii()):
+            # Empty (nginx for a GET) or not a number: absent, as gunicorn does.
             del environ["CONTENT_LENGTH"]
         ct = params.get("CONTENT_TYPE")
         if ct is not None and not ct:
             del environ["CONTENT_TYPE"]
         return environ
+
+    @staticmethod
+    def _server_address(environ: Dict[str, Any], params: Dict[str, str]) -> None:
+        """SERVER_NAME and SERVER_PORT when the front end sent them incomplete.
+
+        A port inside SERVER_NAME (some front ends pass the Host header there) is split
+        off; a missing name comes from HTTP_HOST; a missing port from SERVER_NAME, then
+        HTTP_HOST, then the scheme's default. The FastCGI socket's own port is never used:
+        it is the front end's hop to us, and URLs built from it would point there.
+        """
+        name, port = _split_host(params.get("SERVER_NAME") or "")
+        host_name, host_port = _split_host(params.get("HTTP_HOST") or "")
+        sent_port = params.get("SERVER_PORT") or ""
+        if not sent_port.isdigit():
+            sent_port = ""
+        default = "443" if environ["wsgi.url_scheme"] == "https" else "80"
+        environ["SERVER_NAME"] = name or host_name or "localhost"
+        candidates = (sent_port, port, host_port, default)
+        environ["SERVER_PORT"] = next(p for p in candidates if p and p.isdigit())
+
+    @staticmethod
+    def _fill_request_line(environ: Dict[str, Any], params: Dict[str, str]) -> None:
+        """REQUEST_METHOD, SERVER_PROTOCOL and QUERY_STRING a front end left out or empty."""
+        if not environ["REQUEST_METHOD"]:
+            environ["REQUEST_METHOD"] = "GET"
+        if not environ["SERVER_PROTOCOL"]:
+            environ["SERVER_PROTOCOL"] = "HTTP/1.0"
+        if "QUERY_STRING" not in params:
+            environ["QUERY_STRING"] = params.get("REQUEST_URI", "").partition("?")[2]
 
     @staticmethod
     def _guess_path_info(environ: Dict[str, Any], params: Dict[str, str]) -> None:
@@ -226,6 +316,22 @@ class EnvironBuilder:
             environ["PATH_INFO"] = ""
 
 
+def _normalize_split(environ: Dict[str, Any], script: str, path: str) -> None:
+    """PEP 3333's shape for a split a front end sent oddly: SCRIPT_NAME empty or starting
+    with "/" and never ending with one, PATH_INFO empty or starting with "/" (the full
+    path SCRIPT_NAME + PATH_INFO is unchanged, but for a doubled slash)."""
+    if script and script[0] != "/":
+        script = "/" + script if script != "*" else ""
+    if script[-1:] == "/":
+        script = script.rstrip("/")
+        if path[:1] != "/":
+            path = "/" + path
+    if path and path[0] != "/":
+        path = "/" + path
+    environ["SCRIPT_NAME"] = script
+    environ["PATH_INFO"] = path
+
+
 def status_code(status: str) -> int:
     try:
         return int(status[:3])
@@ -233,22 +339,111 @@ def status_code(status: str) -> int:
         return 0
 
 
-class Response:
-    """``start_response`` and ``write`` for one request, and the records they produce."""
+# What a valid CGI response head looks like: "Status: NNN Reason", then header lines whose
+# values have no control characters (a horizontal tab is allowed). Names are checked on
+# their own (HTTP tokens, RFC 9110 §5.6.2, and not "Status"), once per distinct name; one
+# match and a count of line ends then prove that no CR/LF started a line of the app's choosing.
+_VALUE = r"[^\x00-\x08\x0a-\x1f\x7f]*"
+_HEAD_OK = re.compile(
+    r"Status: [1-9][0-9][0-9] " + _VALUE + r"\r\n(?:[^:\r\n]+: " + _VALUE + r"\r\n)*\r\n\Z")
+_GOOD_NAMES: Set[str] = set()
+_GOOD_NAMES_MAX = 1024
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
-    __slots__ = ("status", "headers", "headers_sent", "pending", "pending_len", "send",
-                 "request_id", "check_abort")
+
+def _bad_head(status: Any, headers: Any) -> Exception:
+    """Say precisely what is wrong with a status and headers that failed the check."""
+    if type(status) is not str:
+        return TypeError(f"status must be str, not {type(status).__name__}")
+    if len(status) < 4 or status[3] != " " or not status[:3].isdigit() or status[0] == "0" \
+            or _BAD_VALUE.search(status):
+        return ValueError(f"status must be 'NNN Reason' without control characters, "
+                          f"got {status!r}")
+    try:
+        status.encode("latin-1")
+    except UnicodeEncodeError:
+        return ValueError(f"status must be latin-1, got {status!r}")
+    if type(headers) is not list and type(headers) is not tuple:
+        return TypeError(f"headers must be a list, not {type(headers).__name__}")
+    for header in headers:
+        if type(header) is not tuple or len(header) != 2:
+            return TypeError(f"headers must be (name, value) tuples, got {header!r}")
+        name, value = header
+        if type(name) is not str or type(value) is not str:
+            return TypeError(f"header name and value must be str: {header!r}")
+        if not _TOKEN.match(name):
+            return ValueError(f"header name is not an HTTP token: {name!r}")
+        if name.lower() == "status":
+            return ValueError("a 'Status' header conflicts with the CGI status line; "
+                              "give the status to start_response()")
+        if _BAD_VALUE.search(value):
+            return ValueError(f"header value contains CR, LF or a control character: "
+                              f"{header!r}")
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            return ValueError(f"header value is not latin-1 (encode it, RFC 8187): {header!r}")
+    return ValueError(f"bad status or headers: {status!r} {headers!r}")
+
+
+def _good_name(name: Any) -> bool:
+    """Is ``name`` a header name we may send? Remembered, since apps reuse a few names."""
+    if type(name) is not str or not _TOKEN.match(name) or name.lower() == "status":
+        return False
+    if len(_GOOD_NAMES) < _GOOD_NAMES_MAX:
+        _GOOD_NAMES.add(name)
+    return True
+
+
+def response_head(status: str, headers: List[Tuple[str, str]]) -> bytes:
+    """The CGI response head for ``status`` and ``headers``; ValueError or TypeError
+    saying what is wrong when they would not make a valid one.
+
+    The common case costs a set lookup per header, one join, one regular-expression
+    match, one count and one encode.
+    """
+    if type(headers) is list or type(headers) is tuple:
+        try:
+            parts = ["Status: ", status, "\r\n"]
+            for header in headers:
+                name, value = header
+                if type(header) is not tuple or (name not in _GOOD_NAMES and
+                                                 not _good_name(name)):
+                    raise _bad_head(status, headers)
+                parts += (name, ": ", value, "\r\n")
+            parts.append("\r\n")
+            text = "".join(parts)
+            if _HEAD_OK.match(text) and text.count("\r\n") == len(headers) + 2:
+                return text.encode("latin-1")
+        except (TypeError, ValueError):
+            pass
+    raise _bad_head(status, headers)
+
+
+class Response:
+    """``start_response`` and ``write`` for one request, and the records they produce.
+
+    ``add`` queues a block; ``flush`` sends what is queued. ``sent`` says whether anything
+    went out: until then an error can still become a clean 500.
+    """
+
+    __slots__ = ("status", "headers", "head", "headers_sent", "pending", "pending_len",
+                 "send", "request_id", "check_abort", "sent", "unchecked")
 
     def __init__(self, send: Callable[[bytes], None], request_id: int,
                  check_abort: Optional[Callable[[], bool]] = None) -> None:
         self.status: Optional[str] = None
         self.headers: List[Tuple[str, str]] = []
+        self.head = b""
         self.headers_sent = False
         self.pending: List[bytes] = []
         self.pending_len = 0
         self.send = send
         self.request_id = request_id
         self.check_abort = check_abort
+        self.sent = False
+        self.unchecked = 0
 
     def start_response(self, status: str, headers: List[Tuple[str, str]], exc_info: Any = None):
         if exc_info is not None:
@@ -259,31 +454,25 @@ class Response:
                 exc_info = None
         elif self.status is not None:
             raise AssertionError("start_response() called twice without exc_info")
-        if type(status) is not str:
-            raise TypeError(f"status must be str, not {type(status).__name__}")
-        if len(status) < 4 or status[3] != " " or not status[:3].isdigit():
-            raise ValueError(f"status must look like '200 OK', got {status!r}")
-        for header in headers:
-            if type(header) is not tuple or len(header) != 2:
-                raise TypeError(f"headers must be (name, value) tuples, got {header!r}")
-            name, value = header
-            if type(name) is not str or type(value) is not str:
-                raise TypeError(f"header name and value must be str: {header!r}")
-            if "\n" in value or "\r" in value or "\n" in name or ":" in name:
-                raise ValueError(f"header contains a newline or a bad name: {header!r}")
+        self.head = response_head(status, headers)
         self.status = status
         self.headers = headers
         return self.write
 
-    def _head(self) -> bytes:
-        lines = ["Status: ", self.status, "\r\n"]  # type: ignore[list-item]
-        for name, value in self.headers:
-            lines += (name, ": ", value, "\r\n")
-        lines.append("\r\n")
-        return "".join(lines).encode("latin-1")
-
-    def _stdout(self, data: bytes) -> None:
-        """Queue ``data`` as STDOUT records (never an empty one)."""
+    def add(self, data: bytes) -> None:
+        """Queue a block of body; the headers go with the first non-empty one."""
+        if type(data) is not bytes:
+            if isinstance(data, (bytearray, memoryview)):
+                data = bytes(data)
+            else:
+                raise TypeError(f"the app must produce bytes, not {type(data).__name__}")
+        if not data:
+            return
+        if not self.headers_sent:
+            if self.status is None:
+                raise AssertionError("the app wrote body data before calling start_response()")
+            self.headers_sent = True
+            data = self.head + data
         n = len(data)
         if n <= _MAX:
             self.pending.append(_HEADER.pack(_VERSION, _STDOUT, self.request_id, n, 0))
@@ -293,43 +482,43 @@ class Response:
         self.pending_len += n
 
     def write(self, data: bytes) -> None:
-        """The legacy ``write()`` callable, also used for each item the app yields."""
-        if type(data) is not bytes:
-            if isinstance(data, (bytearray, memoryview)):
-                data = bytes(data)
-            else:
-                raise TypeError(f"the app must produce bytes, not {type(data).__name__}")
-        if not self.headers_sent:
-            if self.status is None:
-                raise AssertionError("the app wrote body data before calling start_response()")
-            self.headers_sent = True
-            data = self._head() + data
-        elif not data:
-            return
-        self._stdout(data)
-        if self.pending_len >= FLUSH_AT:
+        """The legacy ``write()`` callable: the bytes are sent before it returns."""
+        self.add(data)
+        if self.pending:
             self.flush()
 
     def flush(self) -> None:
-        """Send what is pending (a streamed or large response, 64 KiB at a time).
+        """Send what is queued.
 
-        Before each flush -- never on the one-send path of small responses -- the web
+        Once per 64 KiB sent -- never on the one-send path of a small response -- the web
         server's side is checked for FCGI_ABORT_REQUEST, so an aborted download stops.
         """
-        if self.check_abort is not None and self.check_abort():
-            raise RequestAborted("the web server aborted the request (FCGI_ABORT_REQUEST)")
+        if self.check_abort is not None:
+            self.unchecked += self.pending_len
+            if self.unchecked >= FLUSH_AT:
+                self.unchecked = 0
+                if self.check_abort():
+                    raise RequestAborted(
+                        "the web server aborted the request (FCGI_ABORT_REQUEST)")
         if self.pending:
             out = b"".join(self.pending)
             self.pending = []
             self.pending_len = 0
+            self.sent = True
             self.send(out)
+
+    def discard(self) -> None:
+        """Forget what is queued and not sent (an error turns the response into a 500)."""
+        self.pending = []
+        self.pending_len = 0
 
     def finish(self, stderr: bytes = b"", app_status: int = 0) -> None:
         """Send what is pending, FCGI_STDERR if any, then the empty STDOUT and END_REQUEST."""
         if not self.headers_sent:
             if self.status is None:
                 raise AssertionError("the app returned without calling start_response()")
-            self.write(b"")
+            self.headers_sent = True
+            self.pending.append(protocol.encode_stream(_STDOUT, self.request_id, self.head))
         if stderr:
             self.pending.append(protocol.encode_stream(_STDERR, self.request_id, stderr))
             self.pending.append(protocol.encode_record(_STDERR, self.request_id))
@@ -340,6 +529,7 @@ class Response:
         out = b"".join(self.pending)
         self.pending = []
         self.pending_len = 0
+        self.sent = True
         self.send(out)
 
 
@@ -357,8 +547,35 @@ def simple_response(
     resp.start_response(
         status, [("Content-Type", content_type), ("Content-Length", str(len(body))), *extra]
     )
-    resp.write(body)
+    resp.add(body)
     resp.finish(stderr)
+
+
+def _send_body(resp: Response, result: Any) -> None:
+    """Send the app's iterable: every block before the next is asked for.
+
+    A list or tuple is already complete, so its blocks are coalesced (one send with the
+    END_REQUEST for a small response, 64 KiB at a time otherwise). Any other iterable may
+    take its time to produce the next block (a generator sleeping between server-sent
+    events): each block leaves at once.
+    """
+    add = resp.add
+    kind = type(result)
+    if kind is list or kind is tuple:
+        if len(result) == 1:
+            add(result[0])  # the common case: one body string
+            if resp.pending_len >= FLUSH_AT:
+                resp.flush()
+            return
+        for data in result:
+            add(data)
+            if resp.pending_len >= FLUSH_AT:
+                resp.flush()
+        return
+    for data in result:
+        add(data)
+        if resp.pending:
+            resp.flush()
 
 
 def run_app(
@@ -372,49 +589,25 @@ def run_app(
 ) -> int:
     """Call the app for one request and send its response; return the HTTP status code.
 
-    The app's exceptions never escape: before the headers went out they become a 500, after
-    they end the response early; both are logged with the traceback. ``close()`` on the
-    app's iterable is always called. :class:`ClientGone` escapes (the caller logs it once).
+    The app's exceptions never escape, ``SystemExit`` included (``sys.exit()`` in a view
+    must not end the worker): before anything was sent they become a 500, after they end
+    the response early; both are logged with the traceback. ``close()`` on the app's
+    iterable is always called. :class:`ClientGone` escapes (the caller logs it once).
     """
     resp = Response(send, request_id, check_abort)
     result = None
     try:
         result = app(environ, resp.start_response)
-        write = resp.write
-        if type(result) is list and len(result) == 1 and not resp.headers_sent:
-            write(result[0])  # the common case: one body string
-        else:
-            for data in result:
-                write(data)
+        _send_body(resp, result)
     except ClientGone:
         _close(result, errors, log_exception)
         raise
-    except Exception:
-        exc_type, exc, _ = sys.exc_info()
-        text = traceback.format_exc()
-        summary = f"{exc_type.__name__}: {exc}" if exc_type else "error"
-        _close(result, errors, log_exception)
-        result = None
-        log_exception(f"the app raised {summary} for {_describe(environ)}", text)
-        stderr = (f"fcgi-manager: app raised {summary}; traceback in the fcgi-manager log\n"
-                  ).encode("utf-8", "replace")[:2048]
-        if resp.headers_sent:
-            # Too late for a 500: end the response early so the server sees it cut short.
-            resp.pending.append(protocol.encode_stream(_STDERR, request_id, stderr))
-            resp.pending.append(protocol.end_of_request(request_id, 1))
-            resp.flush()
-            errors.reset()
-            return 500
-        resp.pending = []
-        resp.pending_len = 0
-        simple_response(send, request_id, "500 Internal Server Error", INTERNAL_ERROR_BODY,
-                        "text/html; charset=utf-8", stderr=errors.take_stderr() + stderr)
-        return 500
+    except (Exception, SystemExit):
+        return _failed(resp, result, environ, errors, log_exception)
     if result is not None and hasattr(result, "close"):
         if not _close(result, errors, log_exception):
-            resp.pending = []
-            resp.pending_len = 0
-            if not resp.headers_sent:
+            resp.discard()
+            if not resp.sent:
                 simple_response(send, request_id, "500 Internal Server Error",
                                 INTERNAL_ERROR_BODY, "text/html; charset=utf-8")
                 return 500
@@ -423,11 +616,34 @@ def run_app(
     except (AssertionError, TypeError, ValueError):
         text = traceback.format_exc()
         log_exception(f"the app returned a bad response for {_describe(environ)}", text)
-        resp.pending = []
+        resp.discard()
         simple_response(send, request_id, "500 Internal Server Error", INTERNAL_ERROR_BODY,
                         "text/html; charset=utf-8")
         return 500
     return status_code(resp.status or "")
+
+
+def _failed(resp: Response, result: Any, environ: Dict[str, Any], errors: ErrorStream,
+            log_exception: Callable[[str, str], None]) -> int:
+    """The app (or its iterable) raised: log it, close the iterable, answer what we can."""
+    exc_type, exc, _ = sys.exc_info()
+    text = traceback.format_exc()
+    summary = f"{exc_type.__name__}: {exc}" if exc_type else "error"
+    _close(result, errors, log_exception)
+    log_exception(f"the app raised {summary} for {_describe(environ)}", text)
+    stderr = (f"fcgi-manager: app raised {summary}; traceback in the fcgi-manager log\n"
+              ).encode("utf-8", "replace")[:2048]
+    request_id = resp.request_id
+    resp.discard()
+    if resp.sent:
+        # Too late for a 500: end the response early so the server sees it cut short.
+        errors.reset()
+        resp.send(protocol.encode_stream(_STDERR, request_id, stderr)
+                  + protocol.end_of_request(request_id, 1))
+        return 500
+    simple_response(resp.send, request_id, "500 Internal Server Error", INTERNAL_ERROR_BODY,
+                    "text/html; charset=utf-8", stderr=errors.take_stderr() + stderr)
+    return 500
 
 
 def _close(result: Any, errors: ErrorStream, log_exception: Callable[[str, str], None]) -> bool:
@@ -440,7 +656,7 @@ def _close(result: Any, errors: ErrorStream, log_exception: Callable[[str, str],
         return True
     except ClientGone:
         raise
-    except Exception:
+    except (Exception, SystemExit):
         log_exception("the app's close() raised", traceback.format_exc())
         return False
 
@@ -456,16 +672,28 @@ class BodyBuffer:
     Bodies are read whole before the app runs, so the connection is always in a known
     state for the next request (keep-conn) and the app gets a seekable ``wsgi.input``;
     large uploads go to disk, so a worker's memory stays flat whatever the size.
+
+    ``keep`` is CONTENT_LENGTH when the front end sent one: bytes past it are read (the
+    connection must stay in step) but never stored, so ``wsgi.input`` cannot return more
+    than CONTENT_LENGTH says. ``max_body`` (``workers.max_body``, 0 = none): a body that
+    announces or brings more is ``too_large``; from then on nothing is stored, and the
+    worker answers 413 without calling the app.
     """
 
-    __slots__ = ("limit", "_mem", "_file", "size")
+    __slots__ = ("limit", "_mem", "_file", "size", "_room", "max_body", "too_large")
 
-    def __init__(self, limit: int, expected: int = 0) -> None:
+    def __init__(self, limit: int, expected: int = 0, keep: int = -1,
+                 max_body: int = 0) -> None:
         self.limit = limit
         self._mem: Optional[List[bytes]] = []
         self._file: Any = None
-        self.size = 0
-        if expected > limit:
+        self.size = 0  # bytes received
+        self._room = keep  # bytes still to store; -1 = all of them
+        self.max_body = max_body
+        self.too_large = False
+        if max_body and expected > max_body:
+            self._refuse()
+        elif expected > limit:
             self._spill()
 
     def _spill(self) -> None:
@@ -474,8 +702,31 @@ class BodyBuffer:
             self._file.writelines(self._mem)
         self._mem = None
 
+    def _refuse(self) -> None:
+        """Past ``max_body``: drop what was stored and store nothing more."""
+        self.too_large = True
+        self._room = 0
+        self._mem = []
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     def append(self, data: bytes) -> None:
-        self.size += len(data)
+        n = len(data)
+        self.size += n
+        room = self._room
+        if room >= 0:
+            if n > room:
+                if self.max_body and self.size > self.max_body and not self.too_large:
+                    self._refuse()
+                if not room:
+                    return
+                data = data[:room]
+                n = room
+            self._room = room - n
+        elif self.max_body and self.size > self.max_body:
+            self._refuse()
+            return
         if self._mem is not None:
             self._mem.append(data)
             if self.size > self.limit:
@@ -490,3 +741,11 @@ class BodyBuffer:
             return io.BytesIO(self._mem[0] if len(self._mem) == 1 else b"".join(self._mem))
         self._file.seek(0)
         return self._file
+
+
+def new_body(params: Dict[str, str], in_memory: int, max_body: int = 0) -> BodyBuffer:
+    """The :class:`BodyBuffer` for a request with these params."""
+    length = content_length(params)
+    if length is None:
+        return BodyBuffer(in_memory, 0, -1, max_body)
+    return BodyBuffer(in_memory, length, length, max_body)
