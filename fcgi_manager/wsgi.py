@@ -719,6 +719,7 @@ class BodyBuffer:
             if n > room:
                 if self.max_body and self.size > self.max_body and not self.too_large:
                     self._refuse()
+                    return
                 if not room:
                     return
                 data = data[:room]
