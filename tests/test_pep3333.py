@@ -531,3 +531,59 @@ def test_a_body_past_content_length_is_not_read_and_the_connection_stays_usable(
         env = json.loads(FcgiReply(read_fcgi_records(sock, 2, 20)).body)
         assert env["PATH_INFO"] == "/next" and env["body"] == ""
     assert not _validator_failures(w.log()), w.log()
+
+
+# -- through nginx with fastcgi_buffering off ---------------------------------------------
+
+TICKER = '''
+import time
+
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    for i in range(5):
+        if i:
+            time.sleep(0.5)
+        yield b"tick %d\\n" % i
+'''
+
+UNBUFFERED = """
+        location /stream {
+            include /etc/nginx/fastcgi_params;
+            fastcgi_param PATH_INFO $fastcgi_script_name;
+            fastcgi_param SCRIPT_NAME "";
+            fastcgi_buffering off;
+            fastcgi_pass fcgi_backend;
+        }
+"""
+
+
+def _http_arrivals(port: int, path: str, marker: bytes) -> Tuple[float, List[float]]:
+    """When each ``marker`` of the response reached the client, from the request's start."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+                     .encode())
+        started = time.monotonic()
+        seen = b""
+        arrivals: List[float] = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return started, arrivals
+            seen += data
+            now = time.monotonic() - started
+            arrivals += [now] * (seen.count(marker) - len(arrivals))
+
+
+def test_chunks_reach_an_http_client_through_nginx_as_they_are_yielded(
+        make_manager: Callable[..., Any], make_nginx: Callable[..., Any],
+        tmp_path: Path) -> None:
+    (tmp_path / "ticker_app.py").write_text(TICKER)
+    manager = make_manager("ticker_app:app", path=[str(tmp_path)], count=1)
+    manager.start()
+    nginx = make_nginx(f"unix:{manager.socket_path}", extra_locations=UNBUFFERED)
+    _, arrivals = _http_arrivals(nginx.port, "/stream", b"tick ")
+    assert len(arrivals) == 5, (arrivals, nginx.error_log())
+    assert arrivals[0] < 0.4, f"the first chunk was held back: {arrivals}"
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert all(0.4 <= gap <= 0.6 for gap in gaps), gaps
