@@ -54,6 +54,7 @@ from .wsgi import (
     EnvironBuilder,
     ErrorStream,
     RequestAborted,
+    content_length,
     new_body,
     request_path,
     run_app,
@@ -735,10 +736,11 @@ class Worker:
 
     def _too_large(self, received: int, params: Dict[str, str]) -> tuple:
         """The 413 for a body past ``workers.max_body`` (the app is not called)."""
-        announced = params.get("CONTENT_LENGTH") or "none"
-        log.warning("answered 413 to %s: request body over workers.max_body (%d bytes; "
-                    "CONTENT_LENGTH %s, %d received)", params.get("REQUEST_METHOD", "?"),
-                    self.max_body, announced[:20], received)
+        announced = content_length(params)
+        log.warning("answered 413 without calling the app: request body over workers.max_body "
+                    "(%d bytes; CONTENT_LENGTH %s, %d bytes received); raise the limit if "
+                    "such bodies are expected", self.max_body,
+                    "none" if announced is None else announced, received)
         return ("413 Content Too Large",
                 b"Content Too Large: the request body is over this server's limit\n",
                 "text/plain; charset=utf-8", [])
