@@ -556,7 +556,11 @@ def _send_body(resp: Response, result: Any) -> None:
     A list or tuple is already complete, so its blocks are coalesced (one send with the
     END_REQUEST for a small response, 64 KiB at a time otherwise). Any other iterable may
     take its time to produce the next block (a generator sleeping between server-sent
-    events): each block leaves at once.
+    events): each block leaves at once -- except the block that completes a declared
+    Content-Length. Nothing may follow it, so it waits for the iterable to end and leaves
+    with the END_REQUEST: a client that has its whole body would otherwise close at once,
+    and nginx, seeing that, drops the FastCGI connection before END_REQUEST arrives (no
+    keep-conn reuse, a "client abort" for every Flask or Django response).
     """
     add = resp.add
     kind = type(result)
@@ -571,10 +575,26 @@ def _send_body(resp: Response, result: Any) -> None:
             if resp.pending_len >= FLUSH_AT:
                 resp.flush()
         return
+    left = None
     for data in result:
         add(data)
-        if resp.pending:
-            resp.flush()
+        if not resp.pending:
+            continue
+        if left is None:
+            left = declared_length(resp.headers)
+        if left >= 0:
+            left -= len(data)
+            if left <= 0 and resp.pending_len < FLUSH_AT:
+                continue  # the body is complete: it goes with END_REQUEST
+        resp.flush()
+
+
+def declared_length(headers: List[Tuple[str, str]]) -> int:
+    """The Content-Length the app declared, or -1."""
+    for name, value in headers:
+        if len(name) == 14 and name.lower() == "content-length":
+            return int(value) if value.isdigit() and value.isascii() else -1
+    return -1
 
 
 def run_app(

@@ -587,3 +587,29 @@ def test_chunks_reach_an_http_client_through_nginx_as_they_are_yielded(
     assert arrivals[0] < 0.4, f"the first chunk was held back: {arrivals}"
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
     assert all(0.4 <= gap <= 0.6 for gap in gaps), gaps
+
+
+def test_the_block_that_completes_content_length_leaves_with_end_request() -> None:
+    # Flask and Django return generators with a Content-Length. A client that has the
+    # whole body closes at once; if END_REQUEST came in a later write, nginx would drop
+    # the FastCGI connection first (no keep-conn reuse, a "client abort" logged).
+    def app(environ: Dict[str, Any], start_response: Callable) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "10")])
+        yield b"01234"
+        yield b"56789"
+
+    r = run(app)
+    assert len(r.sends) == 2, "the first block at once, the last with END_REQUEST"
+    assert parse_records(r.sends[0])[0][2].endswith(b"01234")
+    last = parse_records(r.sends[1])
+    assert last[0][2] == b"56789" and last[-1][0] == 3
+    assert_well_formed(r.records)
+
+
+def test_a_flask_response_is_one_send() -> None:
+    import flask
+
+    app = flask.Flask("one_send")
+    app.add_url_rule("/", "index", lambda: "hello")
+    r = run(app.wsgi_app)
+    assert r.reply.body == b"hello" and len(r.sends) == 1
