@@ -329,8 +329,9 @@ class ThreadedWorker(Worker):
         slot.busy(method, uri)
         send = conn.send
         outcome = KEEP
+        conn.replies = 0
         try:
-            special = self._special(params) if self.has_special else None
+            special = self._own_answer(conn, params)
             if special is not None:
                 status, body, ctype, extra = special
                 simple_response(send, rid, status, body, ctype, extra)

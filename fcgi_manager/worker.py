@@ -678,10 +678,7 @@ class Worker:
         keep = conn.parser.keep_conn
         conn.replies = 0
         try:
-            if conn.body is not None and conn.body.too_large:
-                special = self._too_large(conn.body.size, params)
-            else:
-                special = self._special(params) if self.has_special else None
+            special = self._own_answer(conn, params)
             if special is not None:
                 status, body, ctype, extra = special
                 simple_response(send, rid, status, body, ctype, extra)
@@ -733,6 +730,13 @@ class Worker:
     def _take_pending(conn: Conn) -> List[Any]:
         events, conn.pending = conn.pending, []
         return events
+
+    def _own_answer(self, conn: Conn, params: Dict[str, str]) -> Optional[tuple]:
+        """The answer the worker gives without calling the app, if any: 413 for a body
+        past ``workers.max_body``, then ping, status page and shedding."""
+        if conn.body is not None and conn.body.too_large:
+            return self._too_large(conn.body.size, params)
+        return self._special(params) if self.has_special else None
 
     def _too_large(self, received: int, params: Dict[str, str]) -> tuple:
         """The 413 for a body past ``workers.max_body`` (the app is not called)."""

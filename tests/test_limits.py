@@ -31,6 +31,7 @@ from support import (
     connect_fcgi,
     fcgi_pairs,
     fcgi_record,
+    fcgi_request,
     fcgi_request_bytes,
     read_fcgi_records,
     wait_for,
@@ -277,3 +278,12 @@ def test_max_idle_connections_holds_when_connections_become_idle(
         for sock in kept:
             sock.close()
     assert os.path.exists(w.address[5:])
+
+
+def test_max_body_holds_with_threads_too(make_manager: Callable[..., Any]) -> None:
+    manager = make_manager("echo:app", count=1, workers={"threads": 2, "max_body": "1K"})
+    manager.start()
+    big = fcgi_request(manager.bind, "/", "POST", b"z" * 5000)
+    assert big.status.startswith("413"), big
+    small = fcgi_request(manager.bind, "/", "POST", b"z" * 1000)
+    assert small.status == "200 OK" and small.header("X-Body-Length") == "1000", small
