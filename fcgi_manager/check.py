@@ -2,10 +2,11 @@
 
 It does what the master and a worker would do, in the foreground, and says where it
 breaks: read the config; check that the bind address can be used (its directory exists
-and is writable, the socket owner can be set, no other live process holds it); import the
-app as ``manager.user``, in ``app.chdir``, with ``app.env``; start one real worker on a
-private unix socket; send one request through the whole FastCGI path with our own client;
-print the status line, headers and the start of the body, or the traceback with a hint.
+and is writable, the socket owner can be set, no other live process holds it); drop to
+``manager.user`` for good (when root) and import the app, in ``app.chdir``, with
+``app.env``; start one real worker on a private unix socket; send one request through the
+whole FastCGI path with our own client; print the status line, headers and the start of
+the body, or the traceback with a hint.
 A healthy app gets no warning: the worker is stopped the way the master stops one.
 """
 
@@ -20,13 +21,14 @@ import sys
 import tempfile
 from typing import Any, List, Tuple
 
-from . import client, daemon, logs
+from . import client, daemon, logs, sockets
 from .appload import load_app, prepare_import
 from .config import Config
 from .errors import AppImportError, FcgiManagerError
-from .privileges import apply_environment, resolve_user
+from .privileges import ROOT_WARNING, apply_environment, resolve_user
 from .scoreboard import Scoreboard, SlotWriter
 from .sockets import Address, parse_address
+from .worker import Worker  # at the top: imported before the drop, while root can read it
 
 BODY_SHOWN = 2048  # bytes of the response body printed
 
@@ -55,8 +57,16 @@ def run_check(cfg: Config, path: str = "/") -> int:
         print(f"Error: app.chdir {cfg.app.chdir}: {exc.strerror}", file=sys.stderr)
         return 1
     try:
-        with user.effective():
-            app = load_app(cfg.app.module)
+        sockets.ClientFilter.from_config(cfg.listen.allowed_clients)
+    except FcgiManagerError as exc:
+        print(f"Error: {exc.message}", file=sys.stderr)
+        return 1
+    as_user = f", as {cfg.manager.user}" if user.switching and cfg.manager.user else ""
+    user.drop()  # for good, before any app code: this process never becomes root again
+    if os.geteuid() == 0:
+        _say(f"warning  {ROOT_WARNING}")
+    try:
+        app = load_app(cfg.app.module)
     except AppImportError as exc:
         if exc.traceback_text:
             print(exc.traceback_text.rstrip(), file=sys.stderr)
@@ -64,7 +74,7 @@ def run_check(cfg: Config, path: str = "/") -> int:
         if exc.hint:
             print(f"hint: {exc.hint}", file=sys.stderr)
         return 1
-    _say(f"import   ok (cwd {os.getcwd()}{', as ' + cfg.manager.user if user.switching else ''})")
+    _say(f"import   ok (cwd {os.getcwd()}{as_user})")
     return _one_request(cfg, app, user, path)
 
 
@@ -74,8 +84,8 @@ Problem = Tuple[str, str]  # what is wrong, what to do
 def bind_problems(cfg: Config) -> Tuple[List[Problem], List[str]]:
     """Whether ``listen.bind`` can be used by a master started now: (problems, notes)."""
     address = parse_address(cfg.listen.bind)
-    running = daemon.read_pidfile(cfg.manager.pidfile)
-    ours = running if running and daemon.pid_alive(running) else None
+    proof = daemon.inspect_pidfile(cfg.manager.pidfile)
+    ours = proof.pid if proof.live else None
     if address.kind == "unix":
         return _unix_problems(cfg, address.path, ours)
     if address.kind == "tcp":
@@ -170,16 +180,11 @@ def _tcp_problems(address: Address, ours: Any) -> Tuple[List[Problem], List[str]
 
 
 def _one_request(cfg: Config, app: Any, user: Any, request_path: str = "/") -> int:
-    from .worker import Worker
-
     tmp = tempfile.mkdtemp(prefix="fcgi-manager-check-")
     path = os.path.join(tmp, "check.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(4)
-    if user.switching and user.uid is not None:
-        os.chown(tmp, user.uid, user.gid if user.gid is not None else -1)
-        os.chown(path, user.uid, user.gid if user.gid is not None else -1)
     death_r, death_w = os.pipe()
     note_r, note_w = os.pipe()
     board = Scoreboard(1)
@@ -190,7 +195,6 @@ def _one_request(cfg: Config, app: Any, user: Any, request_path: str = "/") -> i
             os.close(death_w)
             os.close(note_r)
             logs.setup_worker(cfg.manager.log_level)
-            user.drop()
             worker = Worker(app=app, config=cfg, listener=listener, slot=SlotWriter(board, 0),
                             worker_id=1, master_fd=death_r, notify_fd=note_w, max_requests=0)
             code = worker.run()

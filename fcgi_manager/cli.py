@@ -287,15 +287,10 @@ def _log_path(cfg: config_mod.Config, background: bool) -> str:
 
 def _check_not_running(cfg: config_mod.Config) -> Optional[int]:
     """The pid of a live master for this config, after clearing a stale pidfile."""
-    pid = daemon.read_pidfile(cfg.manager.pidfile)
-    if pid is None:
-        return None
-    if daemon.pid_alive(pid) and daemon.is_our_master(pid) and pid != os.getpid():
-        return pid
-    try:
-        os.unlink(cfg.manager.pidfile)  # stale: its master is gone
-    except OSError:
-        pass
+    state = daemon.inspect_pidfile(cfg.manager.pidfile)
+    if state.live and state.pid != os.getpid():
+        return state.pid
+    daemon.remove_stale_pidfile(state)  # its master is gone (or the pid is another's now)
     return None
 
 
@@ -314,9 +309,21 @@ def serve(cfg: config_mod.Config, app: Any = None, background: bool = False,
             raise FcgiManagerError(f"already running (pid {running}, pidfile "
                                    f"{cfg.manager.pidfile})", "stop it first, or use reload")
     log_path = _log_path(cfg, background)
-    handler = logs.setup_master(log_path, cfg.manager.log_level)
-    os.environ.setdefault("FCGI_MANAGER_RESUME_CWD", os.getcwd())
-    master = Master(cfg, app, handler)
+    try:
+        if not resuming:
+            _check_directories(cfg, log_path)
+        os.umask(cfg.manager.umask)  # the log is created with it, like every file after it
+        handler = logs.setup_master(log_path, cfg.manager.log_level)
+        os.environ.setdefault("FCGI_MANAGER_RESUME_CWD", os.getcwd())
+        if handler.open_error and not resuming:
+            raise FcgiManagerError(f"manager.log: {handler.open_error}",
+                                   "fix the path, or set manager.log to another file")
+        master = Master(cfg, app, handler)
+    except FcgiManagerError as exc:
+        if report_fd >= 0:
+            daemon.report(report_fd, False, _error(exc))
+        raise
+    master.pidfile_fd = daemon.take_carried_pidfile_fd()
     if report_fd >= 0:
         master.child_close_fds.append(report_fd)
     pidfile = cfg.manager.pidfile
@@ -331,7 +338,7 @@ def serve(cfg: config_mod.Config, app: Any = None, background: bool = False,
     def ready(ok: bool, text: str) -> None:
         if ok:
             try:
-                daemon.write_pidfile(pidfile, os.getpid())
+                master.pidfile_fd = daemon.write_pidfile(pidfile, os.getpid())
             except OSError as exc:
                 text = f"cannot write the pidfile {pidfile}: {exc.strerror}"
                 ok = False
@@ -372,11 +379,39 @@ def _register(cfg: config_mod.Config) -> str:
         return ""
 
 
+def _check_directories(cfg: config_mod.Config, log_path: str) -> None:
+    """Refuse directories where another user could swap our files for links (fsafe)."""
+    from . import fsafe
+    from .privileges import resolve_user
+
+    trusted = [resolve_user(cfg.manager.user, cfg.manager.group).uid]
+    paths = [("manager.pidfile", cfg.manager.pidfile), ("manager.control", cfg.manager.control)]
+    if log_path not in ("", "-"):
+        paths.append(("manager.log", log_path))
+    address = parse_address(cfg.listen.bind)
+    if address.kind == "unix":
+        paths.append(("listen.bind", address.path))
+    for what, path in paths:
+        fsafe.check_directory(path, what, trusted)
+
+
 def master_log_ready(master: Any) -> None:
     import logging
 
-    logging.getLogger("fcgi_manager.master").info(
-        "ready: %d worker(s) serving %s", len(master.workers), master.address)
+    log = logging.getLogger("fcgi_manager.master")
+    log.info("ready: %d worker(s) serving %s", len(master.workers), master.address)
+    if os.geteuid() == 0 and not master.cfg.manager.user:
+        from .privileges import ROOT_WARNING
+
+        log.info("%s", ROOT_WARNING)  # start, check and status say it to the operator
+
+
+def _warn_root(cfg: config_mod.Config) -> None:
+    """Started as root without manager.user: the workers run as root; say so."""
+    if os.geteuid() == 0 and not cfg.manager.user:
+        from .privileges import ROOT_WARNING
+
+        print(f"warning: {ROOT_WARNING}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -409,6 +444,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     address = parse_address(cfg.listen.bind)
     if address.kind == "fd":
         keep.append(address.fd)
+    elif address.kind == "systemd" and os.environ.get("LISTEN_FDS", "").isdigit():
+        keep += range(3, 3 + int(os.environ["LISTEN_FDS"]))  # sd_listen_fds(3)
     is_daemon, fd = daemon.daemonize(keep)
     if is_daemon:
         code = 1
@@ -435,6 +472,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     if ok:
         n = cfg.workers.effective_count if cfg.workers.mode != "ondemand" else 0
         print(f"fcgi-manager started: pid {text}, {n} worker(s) on {cfg.listen.bind}")
+        _warn_root(cfg)
         return 0
     if ok is False:
         print(text.rstrip(), file=sys.stderr)
@@ -446,10 +484,20 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def _master_pid(pidfile: str) -> Optional[int]:
-    pid = daemon.read_pidfile(pidfile)
-    if pid is not None and daemon.pid_alive(pid):
-        return pid
-    return None
+    """The master's pid if the pidfile proves it (never a reused pid)."""
+    state = daemon.inspect_pidfile(pidfile)
+    return state.pid if state.live else None
+
+
+def _not_running(pidfile: str) -> None:
+    """No live master: clear a stale pidfile (never signalling its pid) and say so."""
+    state = daemon.inspect_pidfile(pidfile)
+    if state.stale:
+        daemon.remove_stale_pidfile(state)
+        print(f"fcgi-manager is not running (removed the stale pidfile {state.path}: "
+              f"{state.reason})")
+    else:
+        print("fcgi-manager is not running")
 
 
 def _wait_gone(pid: int, timeout: float, waiting: Optional[Callable[[], None]] = None) -> bool:
@@ -492,24 +540,23 @@ def cmd_stop(args: argparse.Namespace) -> int:
     pid = None
     drain = 0.0 if args.now else tgt.shutdown_delay  # what the master will wait
     try:
-        result = control.call(tgt.control, "stop", {"now": bool(args.now)})
-        pid = int(result.get("pid") or 0) or None
+        # The pid to wait for (and maybe kill) is the one the kernel says answered.
+        result, pid = control.call_with_peer(tgt.control, "stop", {"now": bool(args.now)})
         drain = float(result.get("drain_s", drain) or 0.0)
-    except ControlError:
+    except ControlError as exc:
+        if "not running" not in exc.message and "cannot connect" not in exc.message:
+            print(f"Error: {exc.message}", file=sys.stderr)
+            return 1
         pid = _master_pid(tgt.pidfile)
         if pid is None:
             if tgt.config_error is not None:
                 return _not_found(tgt)
-            stale = daemon.read_pidfile(tgt.pidfile)
-            if stale is not None:
-                daemon.remove_pidfile(tgt.pidfile, stale)  # its master is gone
-            print("fcgi-manager is not running")
+            _not_running(tgt.pidfile)
             return 0
         os.kill(pid, signal.SIGINT if args.now else signal.SIGTERM)
     _warn_broken(tgt)
-    if pid is None:
-        pid = _master_pid(tgt.pidfile)
-    if pid is None:
+    start = daemon.process_start_ticks(pid) if pid else None
+    if pid is None or start is None:
         print("fcgi-manager stopped")
         return 0
     if drain:
@@ -527,6 +574,14 @@ def cmd_stop(args: argparse.Namespace) -> int:
     gone = _wait_gone(pid, grace, waiting if line.enabled else None)
     line.clear()
     if not gone:
+        if not daemon.same_process(pid, start):
+            print("fcgi-manager stopped")
+            return 0
+        if _master_pid(tgt.pidfile) != pid:
+            print(f"Error: pid {pid} answered on {tgt.control} but did not stop in "
+                  f"{grace:.0f} s; the pidfile {tgt.pidfile} does not name it, so it is "
+                  f"not killed", file=sys.stderr)
+            return 1
         print(f"fcgi-manager (pid {pid}) did not stop in {grace:.0f} s: killing it",
               file=sys.stderr)
         try:
@@ -633,15 +688,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _status_without_master(pidfile: str, exc: ControlError, as_json: bool) -> int:
-    pid = daemon.read_pidfile(pidfile)
-    if pid is None:
-        state, code = "not running", LSB_NOT_RUNNING
-    elif daemon.pid_alive(pid):
+    proof = daemon.inspect_pidfile(pidfile)
+    pid = proof.pid
+    if proof.live:
         state, code = f"running (pid {pid}) but its control socket does not answer: " \
                       f"{exc.message}", LSB_UNKNOWN
-    else:
-        state, code = f"dead, but the pidfile {pidfile} says pid {pid}", \
+    elif proof.stale:
+        state, code = f"dead, but the pidfile {pidfile} is left ({proof.reason})", \
             LSB_DEAD_PIDFILE
+    else:
+        state, code = "not running", LSB_NOT_RUNNING
     if as_json:
         print(json.dumps({"running": code == LSB_RUNNING, "state": state, "pid": pid}))
     else:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import struct
 from typing import Any, Dict, Optional, Tuple
 
@@ -79,14 +80,22 @@ def _read_exact(sock: socket.socket, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def peer_uid(sock: socket.socket) -> Optional[int]:
-    """The uid of the process on the other end (Linux SO_PEERCRED), None if unknown."""
+def peer_creds(sock: socket.socket) -> Tuple[Optional[int], Optional[int]]:
+    """(pid, uid) of the process on the other end (Linux SO_PEERCRED), Nones if unknown.
+
+    For a connection to a listening socket, that is the process that called ``listen``:
+    the kernel says it, the peer cannot lie about it."""
     try:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except (OSError, AttributeError):
-        return None
-    _, uid, _ = struct.unpack("3i", creds)
-    return uid
+        return None, None
+    pid, uid, _ = struct.unpack("3i", creds)
+    return pid, uid
+
+
+def peer_uid(sock: socket.socket) -> Optional[int]:
+    """The uid of the process on the other end (Linux SO_PEERCRED), None if unknown."""
+    return peer_creds(sock)[1]
 
 
 def peer_allowed(sock: socket.socket) -> bool:
@@ -94,14 +103,43 @@ def peer_allowed(sock: socket.socket) -> bool:
     return uid is not None and uid in (0, os.geteuid())
 
 
-def bind_control(path: str) -> socket.socket:
-    """Create the control socket (0600); a stale one from a dead master is replaced."""
+def _socket_is_live(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
     try:
-        os.unlink(path)
+        probe.connect(path)
+        return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True  # a full backlog or a timeout: someone is listening
+    finally:
+        probe.close()
+
+
+def bind_control(path: str) -> socket.socket:
+    """Create the control socket (0600). A stale one from a dead master is replaced; one
+    a live master answers on is not (a second instance with the same ``manager.control``
+    must not steal it); anything that is not a socket (a link, a file) is refused."""
+    try:
+        st: Optional[os.stat_result] = os.lstat(path)
     except FileNotFoundError:
-        pass
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FcgiManagerError(f"cannot create the control socket {path}: something that "
+                                   f"is not a socket is there",
+                                   "remove it, or set manager.control to another path")
+        if _socket_is_live(path):
+            raise FcgiManagerError(f"the control socket {path} is in use by a running master",
+                                   "stop it first, or give this instance its own "
+                                   "manager.control (or manager.pidfile)")
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
+    old = os.umask(0o177)  # created 0600: nothing is changed by path afterwards
     try:
         sock.bind(path)
     except OSError as exc:
@@ -115,15 +153,21 @@ def bind_control(path: str) -> socket.socket:
         ) from None
     finally:
         os.umask(old)
-    os.chmod(path, 0o600)
     sock.listen(16)
-    sock.set_inheritable(True)
     return sock
 
 
 def call(path: str, command: str, args: Optional[Dict[str, Any]] = None,
          timeout: float = 10.0) -> Dict[str, Any]:
     """Send one command to the master at ``path``; return its result or raise ControlError."""
+    return call_with_peer(path, command, args, timeout)[0]
+
+
+def call_with_peer(path: str, command: str, args: Optional[Dict[str, Any]] = None,
+                   timeout: float = 10.0) -> Tuple[Dict[str, Any], Optional[int]]:
+    """:func:`call`, also returning the pid that answered (SO_PEERCRED, not the reply's
+    word for it). A socket served by another user than root or us is refused before
+    anything is sent: it is not a master we may command, whatever it claims."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -133,6 +177,10 @@ def call(path: str, command: str, args: Optional[Dict[str, Any]] = None,
             raise ControlError(f"no control socket at {path}: the master is not running") from None
         except (ConnectionRefusedError, PermissionError) as exc:
             raise ControlError(f"cannot connect to {path}: {exc.strerror}") from None
+        peer_pid, uid = peer_creds(sock)
+        if uid is not None and uid not in (0, os.geteuid()):
+            raise ControlError(f"the control socket {path} is served by uid {uid}, not by a "
+                               f"master of this user or root: refusing to use it")
         sock.sendall(encode_message({"id": 1, "command": command, "args": args or {}}))
         try:
             reply = json.loads(read_message(sock, MAX_MESSAGE * 64).decode("utf-8"))
@@ -151,4 +199,4 @@ def call(path: str, command: str, args: Optional[Dict[str, Any]] = None,
     if not reply.get("ok"):
         raise ControlError(str(reply.get("error", "the master refused the command")))
     result = reply.get("result")
-    return result if isinstance(result, dict) else {}
+    return (result if isinstance(result, dict) else {}), peer_pid

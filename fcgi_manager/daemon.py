@@ -10,30 +10,58 @@ message and exits accordingly::
 EOF without a message means the master died before it could say (the log tells why).
 The pidfile is written only when ready (atomically, by rename) and removed on every exit
 path, only if it still holds our pid.
+
+The pidfile proves who it names. It reads ``PID START`` (START: the process's start time
+in clock ticks since boot), and the master holds a POSIX lock on it from before it
+appears until the master exits (the lock survives the reload's exec; it does not pass to
+forked children). Before any command signals the pid it checks that the pid holds that
+lock (the kernel says who does) or that it started at START. A pid that is dead or now
+another process's makes the pidfile stale: it is never signalled, and the pidfile never
+stops a start.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import stat
+import struct
 import sys
 import time
 from typing import Iterable, Optional, Tuple
 
 import psutil
 
+from . import fdutil, fsafe
+
 
 def read_pidfile(path: str) -> Optional[int]:
+    return read_pidfile_entry(path)[0]
+
+
+def read_pidfile_entry(path: str) -> Tuple[Optional[int], Optional[int]]:
+    """(pid, start time in clock ticks) from a pidfile; either may be None."""
     try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            text = f.read().strip()
-    except FileNotFoundError:
-        return None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None, None
     try:
-        pid = int(text.split()[0])
+        text = os.read(fd, 256).decode("ascii", "replace")
+    except OSError:
+        return None, None
+    finally:
+        os.close(fd)
+    fields = text.split()
+    try:
+        pid = int(fields[0])
     except (ValueError, IndexError):
-        return None
-    return pid if pid > 0 else None
+        return None, None
+    try:
+        start: Optional[int] = int(fields[1])
+    except (ValueError, IndexError):
+        start = None
+    return (pid if pid > 0 else None), start
 
 
 def pid_alive(pid: int) -> bool:
@@ -50,24 +78,121 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def is_our_master(pid: int) -> bool:
-    """Guard against pid reuse: the process must look like fcgi-manager (or a Python)."""
+def process_start_ticks(pid: int) -> Optional[int]:
+    """When ``pid`` started, in clock ticks since boot (field 22 of /proc/PID/stat): with
+    the pid, it names one process for the life of the machine (a reused pid has a later
+    start)."""
     try:
-        cmd = " ".join(psutil.Process(pid).cmdline())
-    except psutil.AccessDenied:
-        return True
-    except psutil.Error:
-        return False
-    return "fcgi" in cmd or "python" in cmd.lower() or not cmd
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    try:
+        # The command name (field 2) may hold spaces and parentheses: skip to the last ')'.
+        return int(data[data.rindex(b")") + 2:].split()[19])
+    except (ValueError, IndexError):
+        return None
 
 
-def write_pidfile(path: str, pid: int) -> None:
-    directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{pid}.tmp")
-    with open(tmp, "w", encoding="ascii") as f:
-        f.write(f"{pid}\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on 64-bit Linux (and LFS builds)
+
+
+def lock_holder(path: str) -> Optional[int]:
+    """The pid holding a POSIX lock on ``path`` (the master holds one on its pidfile for
+    its whole life, across reloads), 0 if nobody does, None if the kernel cannot say."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
+        l_type, _, _, _, pid = _FLOCK.unpack(answer)
+    except (OSError, struct.error):
+        return None
+    finally:
+        os.close(fd)
+    return 0 if l_type == fcntl.F_UNLCK else pid
+
+
+class PidfileState:
+    """What a pidfile says and whether it is true.
+
+    ``live``: the pid is the master that wrote the file (it holds the file's lock, or it
+    started at the recorded time). ``stale``: a file
+    is there but its pid is dead or now another process. Neither: no pidfile."""
+
+    __slots__ = ("path", "pid", "live", "reason")
+
+    def __init__(self, path: str, pid: Optional[int], live: bool, reason: str) -> None:
+        self.path = path
+        self.pid = pid
+        self.live = live
+        self.reason = reason
+
+    @property
+    def stale(self) -> bool:
+        return not self.live and (self.pid is not None or self.reason == "unreadable")
+
+
+def inspect_pidfile(path: str) -> PidfileState:
+    """Check that the pidfile names a live master before anyone signals that pid."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return PidfileState(path, None, False, "no pidfile")
+    except OSError:
+        return PidfileState(path, None, False, "unreadable")
+    pid, start = read_pidfile_entry(path)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()):
+        # Not written by a master we may command (root's or ours): the app's user, if it
+        # can write that directory, must not be able to name a pid for root to signal.
+        return PidfileState(path, pid if pid is not None else 0, False,
+                            f"the pidfile belongs to uid {st.st_uid}, not to root or to us")
+    if pid is None:
+        return PidfileState(path, None, False, "unreadable")
+    if not pid_alive(pid):
+        return PidfileState(path, pid, False, f"pid {pid} is not running")
+    if lock_holder(path) == pid:
+        return PidfileState(path, pid, True, "holds the pidfile lock")
+    if start is not None and process_start_ticks(pid) == start:
+        return PidfileState(path, pid, True, "started when the pidfile says")
+    return PidfileState(path, pid, False,
+                        f"pid {pid} runs but is not the master that wrote the pidfile")
+
+
+def same_process(pid: int, start: Optional[int]) -> bool:
+    """True if ``pid`` is still the process that had start time ``start``."""
+    return start is not None and pid_alive(pid) and process_start_ticks(pid) == start
+
+
+def write_pidfile(path: str, pid: int) -> int:
+    """Write the pidfile (pid and start time), locked; returns the descriptor holding the
+    lock, which the master keeps open (and carries across its reload's exec)."""
+    start = process_start_ticks(pid)
+    text = f"{pid} {start}\n" if start is not None else f"{pid}\n"
+    return fsafe.create_exclusive(path, text.encode("ascii"), 0o644, lock=True)
+
+
+PIDFILE_FD_ENV = "FCGI_MANAGER_PIDFILE_FD"
+
+
+def carry_pidfile_fd(fd: int, env: dict) -> None:
+    """Before the master re-executes itself: keep the locked pidfile descriptor open
+    across exec (its lock goes with it) and tell the new image its number."""
+    if fd >= 0:
+        os.set_inheritable(fd, True)
+        env[PIDFILE_FD_ENV] = str(fd)
+
+
+def take_carried_pidfile_fd() -> int:
+    """In a re-executed master: the pidfile descriptor the old image held, or -1."""
+    text = os.environ.pop(PIDFILE_FD_ENV, "")
+    if not text.isdigit():
+        return -1
+    fd = int(text)
+    fdutil.set_cloexec([fd])
+    return fd
 
 
 def remove_pidfile(path: str, pid: int) -> None:
@@ -76,6 +201,18 @@ def remove_pidfile(path: str, pid: int) -> None:
             os.unlink(path)
         except OSError:
             pass
+
+
+def remove_stale_pidfile(state: PidfileState) -> None:
+    """Remove a pidfile found stale, unless it changed since (a master just started)."""
+    if not state.stale:
+        return
+    if inspect_pidfile(state.path).pid != state.pid:
+        return
+    try:
+        os.unlink(state.path)
+    except OSError:
+        pass
 
 
 def daemonize(keep_fds: Iterable[int] = ()) -> Tuple[bool, int]:
@@ -98,6 +235,9 @@ def daemonize(keep_fds: Iterable[int] = ()) -> Tuple[bool, int]:
             os.dup2(devnull, fd)
     if devnull not in keep and devnull > 2:
         os.close(devnull)
+    # Whatever the shell that ran `start` had open (a terminal, a pipe, a lock) must not
+    # live on in a daemon and in every process the app starts.
+    fdutil.close_all_but(keep | {w})
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     return True, w
 

@@ -18,7 +18,32 @@ import sys
 import time
 from typing import Optional, TextIO
 
+from . import fsafe
+
 LOGGER = "fcgi_manager"
+
+# Control characters (C0, DEL, C1) as visible escapes: request data and app output can
+# then neither start a forged log line (CR, LF) nor drive the terminal that shows the
+# log (ESC). Tab stays a tab.
+_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+_ESCAPES.update({0x0A: "\\n", 0x0D: "\\r"})
+del _ESCAPES[0x09]
+
+
+def escape(text: str) -> str:
+    """``text`` with control characters shown as ``\\r``, ``\\n``, ``\\x1b``..."""
+    if text.isprintable():
+        return text
+    return text.translate(_ESCAPES)
+
+
+def shown_uri(uri: str, show_query: bool) -> str:
+    """A request URI as status and logs show it: the query string (where tokens and
+    session ids travel) as ``?…`` unless ``status.show_query`` is true."""
+    if show_query:
+        return uri
+    path, sep, _ = uri.partition("?")
+    return path + "?\u2026" if sep else uri
 
 
 class _Formatter(logging.Formatter):
@@ -43,7 +68,7 @@ class ReopenableHandler(logging.Handler):
         self.path = path
         self.stream: Optional[TextIO] = None
         self._failed = False
-        self.reopen()
+        self.open_error = self.reopen()
 
     def reopen(self) -> Optional[str]:
         """Open the log file again; on failure the old stream stays and the reason is
@@ -53,7 +78,8 @@ class ReopenableHandler(logging.Handler):
             return None
         old = self.stream
         try:
-            self.stream = open(self.path, "a", encoding="utf-8", errors="replace", buffering=1)
+            fd = fsafe.open_append(self.path)
+            self.stream = open(fd, "a", encoding="utf-8", errors="replace", buffering=1)
             self._failed = False
         except OSError as exc:
             error = f"cannot open log file {self.path}: {exc.strerror}"
@@ -98,7 +124,9 @@ class ReopenableHandler(logging.Handler):
         self.write_line(line)
 
     def close(self) -> None:
-        if self.stream is not None and self.stream is not sys.stderr:
+        # Only a file we opened: stderr (path "-") is not ours to close, even once a
+        # forked worker has replaced sys.stderr with its own.
+        if self.stream is not None and self.path not in ("", "-"):
             try:
                 self.stream.close()
             except OSError:
@@ -146,4 +174,4 @@ def setup_worker(level: str) -> None:
 def worker_line(handler: ReopenableHandler, worker_id: int, pid: int, line: str) -> None:
     """Write one captured line of a worker's output, tagged."""
     ts = time.strftime("%Y-%m-%d %H:%M:%S")
-    handler.write_line(f"{ts} [worker {worker_id} pid {pid}] {line}")
+    handler.write_line(f"{ts} [worker {worker_id} pid {pid}] {escape(line)}")

@@ -22,7 +22,6 @@ workers serving and is reported to whoever asked for the reload.
 
 from __future__ import annotations
 
-import ctypes  # here, in the master: imported after fork it costs each worker ~0.6 MiB
 import gc
 import json
 import logging
@@ -35,11 +34,11 @@ import struct
 import sys
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import psutil
 
-from . import control, logs, sockets
+from . import control, daemon, fdutil, logs, procctl, sockets
 from . import status as status_mod
 from .appload import load_app, prepare_import
 from .config import Config
@@ -55,6 +54,7 @@ from .worker import (
     EXIT_RECYCLE_REQUESTS,
     STACK_SIGNAL,
 )
+from .zygote import Zygote, new_zygote_wanted
 
 log = logging.getLogger("fcgi_manager.master")
 
@@ -163,6 +163,11 @@ class Master:
         self.child_close_fds: List[int] = []  # e.g. the start handshake pipe
         self.sizer = PoolSizer(cfg.workers)
         self.listener_watched = False
+        self.pidfile_fd = -1  # locked by this process while it runs (see daemon.py)
+        self.client_filter: Optional[sockets.ClientFilter] = None
+        self.zygote: Optional[Zygote] = None
+        self.old_zygote = 0
+        self.exec_env: Dict[str, str] = dict(os.environ)
 
     # -- preparing ----------------------------------------------------------------------
 
@@ -180,13 +185,15 @@ class Master:
                                                     cfg.listen.group)
             self.sock_inode = sockets.socket_file_inode(self.address)
         os.umask(cfg.manager.umask)
+        # Before app.clear_env empties the environment: the filter never depends on it.
+        self.client_filter = sockets.ClientFilter.from_config(cfg.listen.allowed_clients)
+        self.exec_env = dict(os.environ)  # the master's own, for the reload's exec
         apply_environment(cfg.app)
         if not self.app_given:
             prepare_import(cfg.app.path, cfg.app.chdir)
         self.base_modules = frozenset(sys.modules)
-        if cfg.app.preload and not self.app_given:
-            with self.user.effective():
-                self.app = load_app(cfg.app.module)
+        if cfg.app.preload and not self.app_given and not zygote_wanted(self):
+            self.app = load_app(cfg.app.module)  # not root, or no manager.user
             gc.collect()
             if hasattr(gc, "freeze"):
                 gc.freeze()  # keep the imported app's pages shared with the workers
@@ -197,11 +204,26 @@ class Master:
             self.control_sock = control.bind_control(cfg.manager.control)
         else:
             self._adopt(resume)
-        os.set_inheritable(self.death_r, True)
-        os.set_inheritable(self.death_w, True)
-        self.listener.set_inheritable(True)  # type: ignore[union-attr]
+        self._close_on_exec()
+        if zygote_wanted(self):
+            self._start_zygote()
         self._warn_web_user()
         self._warn_keepalive()
+
+    def _close_on_exec(self) -> None:
+        """Nothing the master owns reaches a program the app starts. Descriptors carried
+        across the reload's exec arrive inheritable: make them close-on-exec again."""
+        fds = [self.death_r, self.death_w, self.pidfile_fd]
+        if self.listener is not None:
+            fds.append(self.listener.fileno())
+        if self.control_sock is not None:
+            fds.append(self.control_sock.fileno())
+        if self.board is not None and self.board.fd is not None:
+            fds.append(self.board.fd)
+        for rec in self.workers.values():
+            fds += [rec.out_fd, rec.notify_fd]
+        fds += [c.fileno() for c in self.reload_waiters]
+        fdutil.set_cloexec(fds)
 
     def _warn_web_user(self) -> None:
         li = self.cfg.listen
@@ -245,6 +267,7 @@ class Master:
         self.control_sock = socket.socket(fileno=state["control"])
         self.board = Scoreboard(MAX_SLOTS, fd=state["board"])
         self.death_r, self.death_w = state["death"]
+        self.old_zygote = int(state.get("zygote") or 0)  # exits when we exec'd: reaped
         self.started_at = state["started_at"]
         self.totals.update(state["totals"])
         self.max_queue = state["max_queue"]
@@ -505,15 +528,18 @@ class Master:
                 signal.set_wakeup_fd(-1)
                 for sig in HANDLED_SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
-                for fd in self.child_close_fds:
-                    _close_quietly(fd)
+                # The import may leave processes behind: they get none of the master's
+                # descriptors (death pipe, listener, control socket, scoreboard).
+                fdutil.close_all_but([w])
                 cfg = self._reload_config()
+                user = resolve_user(cfg.manager.user, cfg.manager.group)
+                sockets.ClientFilter.from_config(cfg.listen.allowed_clients)
                 apply_environment(cfg.app)
                 prepare_import(cfg.app.path, cfg.app.chdir)
                 for name in [m for m in sys.modules if m not in self.base_modules]:
                     del sys.modules[name]
-                with resolve_user(cfg.manager.user, cfg.manager.group).effective():
-                    load_app(cfg.app.module)
+                user.drop()  # for good: no app code with uid 0
+                load_app(cfg.app.module)
                 code = 0
             except FcgiManagerError as exc:
                 text = exc.message
@@ -589,7 +615,10 @@ class Master:
             "generation": self.generation, "workers": workers, "waiters": waiters,
             "scale": {"mode": self.cfg.workers.mode, "target": self.target,
                       "configured": self.cfg.workers.effective_count},
+            "zygote": self.zygote.pid if self.zygote is not None else 0,
         }
+        env_extra: Dict[str, str] = {}
+        daemon.carry_pidfile_fd(self.pidfile_fd, env_extra)
         state_fd = os.memfd_create("fcgi-manager-state", 0)
         os.write(state_fd, json.dumps(state).encode())
         os.lseek(state_fd, 0, os.SEEK_SET)
@@ -597,8 +626,12 @@ class Master:
         for fd in keep:
             if fd is not None and fd >= 0:
                 os.set_inheritable(fd, True)
-        env = dict(os.environ)
+        # The environment the master was started with, not the app's (app.clear_env
+        # would drop PYTHONPATH or FCGI_WEB_SERVER_ADDRS): the new image applies app.env
+        # and clear_env of the new config itself.
+        env = dict(self.exec_env)
         env[RESUME_ENV] = str(state_fd)
+        env.update(env_extra)
         if self.cfg.source:
             # The command line may name the config relative to a directory we left.
             env[RESUME_CONFIG_ENV] = self.cfg.source
@@ -637,44 +670,19 @@ class Master:
     def spawn_worker(self) -> Optional[WorkerRecord]:
         assert self.board is not None and self.listener is not None
         slot = self._free_slot()
-        out_r, out_w = os.pipe()
-        note_r, note_w = os.pipe()
         self.board.assign(slot, 0, self.generation)
         if self.cfg.workers.threads > 1:
             self.board.reserve_threads(slot, self.cfg.workers.threads)
         max_requests = self._max_requests()
-        master_pid = os.getpid()
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            for fd in (out_r, out_w, note_r, note_w):
-                os.close(fd)
+        if self.zygote is not None or zygote_wanted(self):
+            forked = self._fork_from_zygote(slot, max_requests)
+        else:
+            forked = self._fork_worker(slot, max_requests)
+        if forked is None:
             self.board.clear(slot)
             self.totals["spawn_failures"] += 1
-            log.error("cannot fork a worker: %s (out of memory or process limit?)", exc)
             return None
-        if pid == 0:  # pragma: no cover - the child never returns
-            code = 1
-            try:
-                os.close(out_r)
-                os.close(note_r)
-                code = self._child_main(slot, out_w, note_w, max_requests, master_pid)
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:
-                try:
-                    traceback.print_exc()
-                except Exception:
-                    pass
-            finally:
-                try:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                except Exception:
-                    pass
-                os._exit(code)
-        os.close(out_w)
-        os.close(note_w)
+        pid, out_r, note_r = forked
         os.set_blocking(out_r, False)
         os.set_blocking(note_r, False)
         self.board.set_pid(slot, pid)
@@ -683,6 +691,47 @@ class Master:
         self._watch(rec)
         log.debug("spawned %s, generation %d", rec.name(), self.generation)
         return rec
+
+    def _fork_worker(self, slot: int, max_requests: int) -> Optional[Tuple[int, int, int]]:
+        """Fork a worker here: (pid, its output pipe, its notify pipe), None on failure."""
+        out_r, out_w = os.pipe()
+        note_r, note_w = os.pipe()
+        master_pid = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            for fd in (out_r, out_w, note_r, note_w):
+                os.close(fd)
+            log.error("cannot fork a worker: %s (out of memory or process limit?)", exc)
+            return None
+        if pid == 0:  # pragma: no cover - the child never returns
+            os.close(out_r)
+            os.close(note_r)
+            self._run_child(slot, out_w, note_w, max_requests, master_pid)
+        os.close(out_w)
+        os.close(note_w)
+        return pid, out_r, note_r
+
+    def _run_child(self, slot: int, out_w: int, note_w: int, max_requests: int,
+                   master_pid: int) -> None:
+        """The life of a worker process: serve, then exit with its status (never returns)."""
+        code = 1
+        try:
+            code = self._child_main(slot, out_w, note_w, max_requests, master_pid)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            try:
+                traceback.print_exc()
+            except Exception:
+                pass
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except Exception:
+                pass
+            os._exit(code)
 
     def _child_main(self, slot: int, out_w: int, note_w: int, max_requests: int,
                     master_pid: int) -> int:
@@ -705,22 +754,12 @@ class Master:
         sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", errors="replace")
         sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", errors="replace")
         logs.setup_worker(self.cfg.manager.log_level)
-        self.selector.close()
-        for fd in (self.wakeup_r, self.wakeup_w, self.death_w):
-            _close_quietly(fd)
-        if self.control_sock is not None:
-            self.control_sock.close()
-        for rec in self.workers.values():
-            _close_quietly(rec.out_fd)
-            _close_quietly(rec.notify_fd)
-        for client in self.reload_waiters:
-            client.close()
-        for fd in self.child_close_fds:
-            _close_quietly(fd)
+        self._close_master_fds()
+        self.user.drop()
+        # After the uid change: the kernel clears the parent-death signal on it.
         _set_pdeathsig(signal.SIGTERM)
         if os.getppid() != master_pid:
             return 0  # the master died between fork and here
-        self.user.drop()
         app = self.app
         if app is None:
             try:
@@ -740,8 +779,80 @@ class Master:
         worker = build_worker(board, slot, app=app, config=self.cfg,
                               listener=self.listener, slot=SlotWriter(board, slot),
                               worker_id=slot + 1, master_fd=self.death_r, notify_fd=note_w,
-                              max_requests=max_requests, status_page=status_page)
+                              max_requests=max_requests, status_page=status_page,
+                              client_filter=self.client_filter)
         return worker.run()
+
+    def _close_master_fds(self) -> None:
+        """In a child (worker or zygote): close what only the master may hold -- the
+        write end of the death pipe, the control socket, other workers' pipes, the
+        pidfile, the log -- and forget the numbers, so that a later close in a
+        grandchild never hits a descriptor that reused one."""
+        self.selector.close()
+        for fd in (self.wakeup_r, self.wakeup_w, self.death_w):
+            _close_quietly(fd)
+        self.wakeup_r = self.wakeup_w = self.death_w = -1
+        if self.control_sock is not None:
+            self.control_sock.close()
+            self.control_sock = None
+        for rec in self.workers.values():
+            _close_quietly(rec.out_fd)
+            _close_quietly(rec.notify_fd)
+        self.workers = {}
+        for client in self.reload_waiters:
+            client.close()
+        self.reload_waiters = []
+        for fd in self.child_close_fds + [self.pidfile_fd]:
+            _close_quietly(fd)
+        self.child_close_fds = []
+        self.pidfile_fd = -1
+        if self.zygote is not None:
+            self.zygote.sock.close()
+        self.log_handler.close()  # a file the app must not be able to write to
+
+    # -- the zygote (preload as root with manager.user) -----------------------------------
+
+    def _start_zygote(self) -> None:
+        """Import the app in a child that dropped privileges for good and forks the
+        workers (zygote.py): no app code ever runs in this root process."""
+        if not procctl.set_child_subreaper() and os.getpid() != 1:
+            raise FcgiManagerError("preload with manager.user needs PR_SET_CHILD_SUBREAPER "
+                                   "(Linux) to import the app without root",
+                                   "set app.preload = false")
+        master_pid = os.getpid()
+
+        def prepare_child() -> None:
+            signal.set_wakeup_fd(-1)
+            for sig in HANDLED_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            self._close_master_fds()
+            self.user.drop()
+
+        def load() -> None:
+            self.app = load_app(self.cfg.app.module)
+
+        def spawn(slot: int, out_w: int, note_w: int, max_requests: int) -> None:
+            self._run_child(slot, out_w, note_w, max_requests, master_pid)
+
+        if self.zygote is not None:
+            self.zygote.stop()
+        self.zygote = None
+        self.zygote = Zygote.start(prepare_child, load, spawn, self.death_r, READY_TIMEOUT)
+        log.info("the app is imported in pid %d as %s (workers are forked from it)",
+                 self.zygote.pid, self.cfg.manager.user)
+
+    def _fork_from_zygote(self, slot: int, max_requests: int) -> Optional[Tuple[int, int, int]]:
+        """A worker forked by the zygote, starting a new zygote if the last one died."""
+        try:
+            if self.zygote is None or not self.zygote.alive:
+                log.warning("the app's zygote is gone: importing the app again in a new one")
+                self._start_zygote()
+            assert self.zygote is not None
+            return self.zygote.spawn(slot, max_requests)
+        except (OSError, FcgiManagerError) as exc:
+            text = exc.message if isinstance(exc, FcgiManagerError) else str(exc)
+            log.error("cannot start a worker through the zygote: %s", text)
+            return None
 
     def _watch(self, rec: WorkerRecord) -> None:
         self.selector.register(rec.out_fd, selectors.EVENT_READ, ("out", rec))
@@ -895,6 +1006,13 @@ class Master:
             rec = self.workers.pop(pid, None)
             if rec is not None:
                 self._on_exit(rec, status)
+            elif pid == self.old_zygote:
+                log.debug("the previous generation's zygote (pid %d) %s", pid,
+                          describe_exit(status))
+            elif self.zygote is not None and pid == self.zygote.pid:
+                self.zygote.alive = False
+                log.warning("the app's zygote (pid %d) %s; a new one imports the app when a "
+                            "worker must start", pid, describe_exit(status))
             else:
                 self._on_orphan_exit(pid, status)
 
@@ -1007,7 +1125,8 @@ class Master:
     def _spawn_missing(self) -> None:
         if self.stopping:
             return
-        if self.app is None and self.cfg.app.preload and not self.app_given:
+        if self.app is None and self.cfg.app.preload and not self.app_given and \
+                self.zygote is None:
             return
         now = time.monotonic()
         if self.next_spawn_at and now < self.next_spawn_at:
@@ -1151,7 +1270,8 @@ class Master:
             active += 1
             busy_since = float(slot["busy_since"])  # type: ignore[arg-type]
             elapsed = now - busy_since
-            what = f"{slot['method']} {slot['uri']}"
+            what = logs.escape(f"{slot['method']} "
+                               f"{logs.shown_uri(str(slot['uri']), self.cfg.status.show_query)}")
             if rec.stop_reason == "timeout" and int(slot["threads"]) > 1:  # type: ignore
                 self._kill_when_only_hung_left(rec, slot, now)
             if rec.stop_reason is None and elapsed > w.timeout:
@@ -1310,6 +1430,9 @@ class Master:
             self.listener = None
 
     def _cleanup(self) -> None:
+        if self.zygote is not None:
+            self.zygote.stop()
+            self.zygote = None
         self._close_listener()
         if self.control_sock is not None:
             try:
@@ -1326,6 +1449,10 @@ class Master:
         from .systemd import notify
 
         notify(message)
+
+
+def zygote_wanted(master: Master) -> bool:
+    return new_zygote_wanted(master.cfg.app.preload, master.app_given, master.user)
 
 
 def _readable(sock: socket.socket) -> bool:
@@ -1372,13 +1499,7 @@ def _stop_signals_end_the_start() -> None:
 def _set_pdeathsig(sig: int) -> None:
     """Linux extra: the kernel signals us when the master dies (the pipe is the real
     guarantee; this only makes an idle worker notice at once)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    procctl.set_pdeathsig(sig)
 
 
 __all__ = ["Master", "describe_exit"]

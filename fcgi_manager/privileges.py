@@ -1,19 +1,20 @@
 """Who the app runs as and with what environment: ``manager.user``/``group``,
 ``app.env`` and ``app.clear_env``.
 
-The master keeps the privileges it was started with (it may need them to bind again or
-to signal workers); workers drop to ``manager.user`` for good right after fork. With
-``preload`` the master imports the app with that user as its *effective* uid, so the
-import sees the same file permissions the workers will.
+The master keeps the privileges it was started with (it binds, creates its files, reopens
+logs and signals workers); no app code ever runs in it while it is root. Every process
+that runs app code drops to ``manager.user`` for good first (:meth:`RunAs.drop`): the
+workers, the reload's validation import, ``check``, and, with ``preload``, the zygote
+that imports the app once and forks the workers (see ``zygote.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import grp
 import os
 import pwd
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from .errors import ConfigError
 
@@ -30,29 +31,12 @@ class RunAs:
     def switching(self) -> bool:
         return os.geteuid() == 0 and (self.uid is not None or self.gid is not None)
 
-    @contextlib.contextmanager
-    def effective(self) -> Iterator[None]:
-        """Temporarily become the user (effective ids only) when running as root."""
-        if not self.switching:
-            yield
-            return
-        old_egid = os.getegid()
-        old_groups = os.getgroups()
-        try:
-            if self.gid is not None:
-                if self.name:
-                    os.setgroups(os.getgrouplist(self.name, self.gid))
-                os.setegid(self.gid)
-            if self.uid is not None:
-                os.seteuid(self.uid)
-            yield
-        finally:
-            os.seteuid(0)
-            os.setegid(old_egid)
-            os.setgroups(old_groups)
-
     def drop(self) -> None:
-        """For good (in a worker, after fork)."""
+        """For good: supplementary groups, then real, effective and saved gid and uid.
+
+        ``setresuid`` to the target ids leaves no saved uid 0 to return to, so code
+        running afterwards (the app's import, threads, ``os.system``) cannot become root
+        again: ``os.setuid(0)`` fails with EPERM."""
         if not self.switching:
             return
         if self.gid is not None:
@@ -60,16 +44,31 @@ class RunAs:
                 os.initgroups(self.name, self.gid)
             else:
                 os.setgroups([self.gid])
-            os.setgid(self.gid)
+            os.setresgid(self.gid, self.gid, self.gid)
         if self.uid is not None:
-            os.setuid(self.uid)
-        if self.uid is not None:
+            os.setresuid(self.uid, self.uid, self.uid)
+            if 0 in os.getresuid():
+                raise OSError(errno.EPERM, "could not drop root for good")
             try:
                 home = pwd.getpwuid(self.uid).pw_dir
                 os.environ["HOME"] = home
                 os.environ["USER"] = os.environ["LOGNAME"] = self.name
             except KeyError:
                 pass
+
+
+def workers_user(cfg: Any) -> str:
+    """Who the workers run as, for ``start``, ``check`` and ``status`` to say."""
+    if cfg.manager.user:
+        return cfg.manager.user
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+ROOT_WARNING = ("workers run as root: the app can do anything on this machine; set "
+                "manager.user (and manager.group) to an unprivileged user")
 
 
 def resolve_user(user: str, group: str) -> RunAs:

@@ -97,7 +97,8 @@ class Scoreboard:
         self.slots = slots
         size = HEADER_SIZE + slots * SLOT_SIZE
         if fd is None and hasattr(os, "memfd_create"):
-            fd = os.memfd_create("fcgi-manager-scoreboard", 0)  # no MFD_CLOEXEC: kept on exec
+            # Close-on-exec: only the reload's exec keeps it (master.py marks it then).
+            fd = os.memfd_create("fcgi-manager-scoreboard", os.MFD_CLOEXEC)
             os.ftruncate(fd, size)
         self.fd = fd
         self.entries_off = size  # thread entries start after the slots

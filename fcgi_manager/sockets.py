@@ -141,7 +141,9 @@ def bind_unix(path: str, backlog: int, mode: str, owner: str, group: str) -> soc
         raise BindError(f"cannot create {path}: directory {directory} does not exist",
                         "create it (owned by the user fcgi-manager runs as)")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o777)  # nobody can connect before the mode below is applied
+    # The mode comes from the umask at bind time: nothing is chmod'ed by path afterwards
+    # (a path can be swapped for a link between two calls; a created inode cannot).
+    old_umask = os.umask(0o777 & ~int(mode, 8))
     try:
         sock.bind(path)
     except OSError as exc:
@@ -153,8 +155,7 @@ def bind_unix(path: str, backlog: int, mode: str, owner: str, group: str) -> soc
         os.umask(old_umask)
     try:
         if uid != -1 or gid != -1:
-            os.chown(path, uid, gid)
-        os.chmod(path, int(mode, 8))
+            os.chown(path, uid, gid, follow_symlinks=False)
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
@@ -204,6 +205,16 @@ def inherit_fd(fd: int) -> socket.socket:
         sock.detach()
         raise BindError(f"fd {fd} is a socket but not a listening one",
                         "the program that started fcgi-manager must pass a listening socket")
+    sock.set_inheritable(False)  # it came inheritable: no program the app starts gets it
+    if fd <= 2:
+        # On stdin (FCGI_LISTENSOCK_FILENO) every child would inherit it as its stdin:
+        # move it to a close-on-exec descriptor and put /dev/null in its place.
+        moved = socket.socket(fileno=os.dup(fd))
+        sock.detach()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+        sock = moved
     return sock
 
 
@@ -283,9 +294,18 @@ def remove_unix_socket(address: Address, inode: int) -> None:
 
 
 class ClientFilter:
-    """``listen.allowed_clients`` / ``FCGI_WEB_SERVER_ADDRS`` for TCP: who may connect."""
+    """``listen.allowed_clients`` / ``FCGI_WEB_SERVER_ADDRS`` for TCP: who may connect.
 
-    def __init__(self, allowed: Iterable[str]) -> None:
+    Built once, by the master at start (before ``app.clear_env`` empties the
+    environment), and handed to every worker: a bad entry is a config error naming the
+    key or the variable, never a worker that dies at boot or a filter that quietly
+    lets everyone in."""
+
+    def __init__(self, allowed: Iterable[str], where: str = "listen.allowed_clients") -> None:
+        self.networks = tuple(self._parse(allowed, where))
+
+    @staticmethod
+    def _parse(allowed: Iterable[str], where: str) -> list:
         nets = []
         for item in allowed:
             item = item.strip()
@@ -294,17 +314,21 @@ class ClientFilter:
             try:
                 nets.append(ipaddress.ip_network(item, strict=False))
             except ValueError:
-                raise ConfigError(
-                    f"listen.allowed_clients: {item!r} is not an IP address or network"
-                ) from None
-        self.networks = tuple(nets)
+                raise ConfigError(f"{where}: {item!r} is not an IP address or network",
+                                  "write addresses like 127.0.0.1, ::1 or 10.0.0.0/8"
+                                  ) from None
+        return nets
 
     @classmethod
     def from_config(cls, allowed: Iterable[str]) -> Optional[ClientFilter]:
         items = list(allowed)
         env = os.environ.get("FCGI_WEB_SERVER_ADDRS", "")
-        items += [a for a in env.replace(";", ",").split(",") if a.strip()]
-        return cls(items) if items else None
+        env_items = [a for a in env.replace(";", ",").split(",") if a.strip()]
+        if not items and not env_items:
+            return None
+        flt = cls(items)
+        flt.networks += tuple(cls._parse(env_items, "FCGI_WEB_SERVER_ADDRS (environment)"))
+        return flt
 
     def allows(self, peer: object) -> bool:
         if not isinstance(peer, tuple):

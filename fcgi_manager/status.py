@@ -13,6 +13,8 @@ from typing import Any, Dict, List, Optional
 from urllib.parse import parse_qs
 
 from . import __version__
+from .logs import escape, shown_uri
+from .privileges import ROOT_WARNING, workers_user
 from .scoreboard import Scoreboard
 
 TOTAL_KEYS = ("accepted", "active", "max_active", "respawns", "crashes", "timeouts", "slow",
@@ -38,11 +40,13 @@ def snapshot(cfg: Any, board: Scoreboard) -> Dict[str, Any]:
         if state == "busy":
             active += 1
             busy_since = float(slot["busy_since"])  # type: ignore[arg-type]
-            current = {"method": slot["method"], "uri": slot["uri"],
+            current = {"method": slot["method"],
+                       "uri": shown_uri(str(slot["uri"]), cfg.status.show_query),
                        "elapsed_s": round(max(0.0, mono - busy_since), 3)}
         elif state == "idle":
             idle += 1
-        in_flight = [{"method": m, "uri": u, "elapsed_s": round(max(0.0, mono - since), 3)}
+        in_flight = [{"method": m, "uri": shown_uri(u, cfg.status.show_query),
+                      "elapsed_s": round(max(0.0, mono - since), 3)}
                      for since, m, u in slot["in_flight"]]  # type: ignore[attr-defined]
         busy_threads += len(in_flight)
         threads += int(slot["threads"])  # type: ignore[call-overload]
@@ -99,6 +103,7 @@ def snapshot(cfg: Any, board: Scoreboard) -> Dict[str, Any]:
             "threads": threads,
         },
         "workers": workers,
+        "workers_user": workers_user(cfg),
     }
 
 
@@ -138,7 +143,8 @@ def render_text(data: Dict[str, Any]) -> str:
     lines = [
         f"fcgi-manager {data['version']}  master pid {data['pid']}  up "
         f"{human_duration(data['uptime_s'])}  generation {data['generation']}",
-        f"app      {data['app']}" + (f"  ({data['config']})" if data.get("config") else ""),
+        f"app      {data['app']}" + (f"  ({data['config']})" if data.get("config") else "")
+        + (f"  as {data['workers_user']}" if data.get("workers_user") else ""),
         f"listen   {li['bind']}  queue {queue}/{li['backlog']} (max {max_queue})",
         f"workers  {len(data['workers'])} ({data['mode']}, target {data['target_workers']}): "
         f"{t['active']} busy, {t['idle']} idle, max busy {t['max_active']}"
@@ -150,12 +156,14 @@ def render_text(data: Dict[str, Any]) -> str:
         f"recycled, {t['slow']} slow requests, max_workers reached {t['max_children_reached']}",
         "",
     ]
+    if data.get("workers_user") == "root":
+        lines.insert(-1, f"warning  {ROOT_WARNING}")
     header = ("ID", "PID", "STATE", "GEN", "REQS", "UPTIME", "RSS", "CPU%", "CURRENT")
     rows = [header]
     for w in data["workers"]:
         cur = w["current"]
-        current = (f"{cur['method']} {cur['uri']} ({human_duration(cur['elapsed_s'])})"
-                   if cur else "") + _more_in_flight(w)
+        current = (escape(f"{cur['method']} {cur['uri']}") +
+                   f" ({human_duration(cur['elapsed_s'])})" if cur else "") + _more_in_flight(w)
         rows.append((str(w["id"]), str(w["pid"]), w["state"], str(w["generation"]),
                      str(w["requests"]), human_duration(w["uptime_s"]),
                      human_size(w["rss_bytes"]), f"{w['cpu_percent']:.1f}", current))

@@ -197,6 +197,7 @@ class Worker:
         notify_fd: int,
         max_requests: int,
         status_page: Optional[Callable[[str], tuple]] = None,
+        client_filter: Optional[ClientFilter] = None,
     ) -> None:
         self.app = app
         self.cfg = config
@@ -221,7 +222,7 @@ class Worker:
         self.has_special = bool(self.status_path or self.ping_path or self.queue_timeout)
         self.special_prefixes = tuple(p for p in (self.ping_path, self.status_path) if p)
         self.status_page = status_page
-        self.filter = ClientFilter.from_config(config.listen.allowed_clients)
+        self.filter = client_filter  # parsed by the master at start (see ClientFilter)
         self.errors = ErrorStream(self._app_error_line)
         self.environ = EnvironBuilder(self.errors, True, config.app.script_name,
                                       config.app.fix_root_url)

@@ -51,7 +51,7 @@ def shared_dir() -> Iterator[Path]:
             pytest.fail("CI runs as root: privilege tests must run")
         pytest.skip("dropping privileges needs root")  # by hand only: CI failed above
     path = Path(tempfile.mkdtemp(prefix="fcgi-priv-"))
-    path.chmod(0o777)
+    path.chmod(0o1777)  # sticky, like /tmp: fcgi-manager refuses 0777 without it
     try:
         yield path
     finally:

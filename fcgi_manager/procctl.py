@@ -1,0 +1,45 @@
+"""Linux process controls (``prctl``): parent-death signal and child subreaper.
+
+Loaded when the master starts, before anything forks or drops privileges: after the drop
+the interpreter's own library directory may not be readable by ``manager.user``, and a
+late ``import ctypes`` would fail there. Imported before fork, ctypes is also shared by
+every worker instead of costing each ~0.6 MiB of private memory.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _load_libc() -> Optional[Any]:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True)
+    except (ImportError, OSError):
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def set_pdeathsig(sig: int) -> bool:
+    """Ask the kernel to send ``sig`` when our parent exits. Call it after any uid
+    change: the kernel clears it on one. True if set."""
+    if _LIBC is None:
+        return False
+    return _LIBC.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+
+
+def set_child_subreaper() -> bool:
+    """Become the parent of orphaned descendants (workers forked by a zygote), so that
+    this process reaps them and sees how they ended. True if set."""
+    if _LIBC is None:
+        return False
+    return _LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
