@@ -188,6 +188,16 @@ class Pid1Master:
             return reply.status_code == 200
         wait_for(serving, timeout, lambda: f"the master to serve:\n{self.text()}")
 
+    def exec(self, argv: List[str], env: Optional[Dict[str, str]] = None,
+             timeout: float = 30.0) -> subprocess.CompletedProcess:
+        """Run ``argv`` inside the master's PID and mount namespaces (``docker exec``,
+        ``kubectl exec``): there the pidfile's pid 1 is the master."""
+        nsenter = require_program("nsenter")
+        return subprocess.run([nsenter, f"--target={self.master_pid}", "--pid", "--mount",
+                               *argv], env=env if env is not None else self.env,
+                              cwd=str(self.cwd), stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
+
     def signal(self, sig: int) -> None:
         """Signal the master itself, as the container runtime does (not ``unshare``)."""
         self.master().send_signal(sig)

@@ -5,6 +5,7 @@ the environment gives it, and TERM drains it (shutdown_delay), then stops it, ex
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 from support import fcgi_request, require_program, wait_for
 
 from .examples import EXAMPLES, ImageRoot, dockerfile_stages, final_stage
-from .support import Pid1Master, status
+from .support import Pid1Master
 
 
 def test_the_image_command_serves_as_pid1_and_non_root(image_root: Path) -> None:
@@ -47,8 +48,12 @@ def test_the_image_command_serves_as_pid1_and_non_root(image_root: Path) -> None
                              PATH_INFO="/hello/docker")
         assert (reply.status_code, reply.body) == (200, b"Hello, docker!\n"), reply
         # The environment configured it (FCGI_MANAGER_<SECTION>_<KEY>, WEB_CONCURRENCY).
-        data = status(Path(image.path("/app/fcgi-manager.toml")))
-        assert len(data["workers"]) == workers
+        # `docker exec CONTAINER fcgi-manager status`: as the image's user, inside.
+        inside = master.exec([setpriv, f"--reuid={image.uid}", f"--regid={image.gid}",
+                              "--clear-groups", "--", *command[:3], "status", "--json"])
+        assert inside.returncode == 0, inside
+        data = json.loads(inside.stdout)
+        assert data["pid"] == 1 and len(data["workers"]) == workers
         # TERM, as `docker stop` sends it (STOPSIGNAL): 503 "draining" at once, then the
         # graceful stop after shutdown_delay, exit status 0.
         assert stage.last("STOPSIGNAL") == "SIGTERM"
