@@ -269,8 +269,9 @@ class ThreadedWorker(Worker):
         connection if the backlog has one.
         """
         waiting = self.waiting
+        paused = not self._accepting and not self.stopping and not self._resume_accept_at
         while self.free > 0 and waiting:
-            if self._backlog_turn and not self.stopping and not self._resume_accept_at:
+            if self._backlog_turn and paused:
                 self._backlog_turn = False
                 if self._ready_now(self.listen_fd):
                     self._accept(budget=1)
@@ -278,6 +279,11 @@ class ThreadedWorker(Worker):
             self._backlog_turn = True
             self.free -= 1
             self.jobs.put(waiting.popleft())
+        if self.free > 0 and paused:
+            # The listening socket was left out while every thread was busy, so a
+            # connection is likely waiting: take it now rather than after one more
+            # epoll_ctl and poll (this is what keeps a saturated worker's threads fed).
+            self._accept(budget=self.free)
 
     def _finished(self, conn: Conn, outcome: int) -> None:
         if outcome != CLOSE_UNSERVED:
