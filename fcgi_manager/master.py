@@ -776,6 +776,8 @@ class Master:
         def status_page(query: str) -> tuple:
             return status_mod.render_page(status_mod.snapshot(self.cfg, board), query)
 
+        # app.post_fork (per-process set-up of the app) is called here, before build_worker:
+        # a threaded worker starts its app threads only in run().
         worker = build_worker(board, slot, app=app, config=self.cfg,
                               listener=self.listener, slot=SlotWriter(board, slot),
                               worker_id=slot + 1, master_fd=self.death_r, notify_fd=note_w,
