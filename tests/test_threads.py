@@ -330,3 +330,20 @@ def test_dynamic_keeps_spare_threads(make_manager: Any, tmp_path: Path) -> None:
         assert [h.result().status_code for h in holds] == [200] * 2
     data = manager.status()
     assert data["totals"]["threads"] == 8 and data["totals"]["crashes"] == 0
+
+
+def test_write_timeout_ends_one_request_while_others_run(make_manager: Any) -> None:
+    manager = threaded(make_manager, 2, write_timeout=1)
+    stuck = connect_fcgi(manager.bind)
+    try:
+        # A client that stops reading: its thread blocks in a write until write_timeout.
+        stuck.sendall(fcgi_request_bytes(cgi_params("/stream")))
+        busy_threads(manager, 1)
+        for _ in range(3):  # the other thread serves meanwhile
+            assert get(manager, "/sleep?s=0.1").status_code == 200
+        manager.wait_log("write timeout: the web server stopped reading", timeout=20)
+        busy_threads(manager, 0)
+    finally:
+        stuck.close()
+    assert get(manager, "/").status_code == 200
+    assert manager.status()["totals"]["crashes"] == 0
