@@ -11,13 +11,14 @@ EOF without a message means the master died before it could say (the log tells w
 The pidfile is written only when ready (atomically, by rename) and removed on every exit
 path, only if it still holds our pid.
 
-The pidfile proves who it names. It reads ``PID START`` (START: the process's start time
-in clock ticks since boot), and the master holds a POSIX lock on it from before it
-appears until the master exits (the lock survives the reload's exec; it does not pass to
-forked children). Before any command signals the pid it checks that the pid holds that
-lock (the kernel says who does) or that it started at START. A pid that is dead or now
-another process's makes the pidfile stale: it is never signalled, and the pidfile never
-stops a start.
+The pidfile proves who it names. It holds only the pid (what ``kill $(cat FILE)``,
+``start-stop-daemon`` and systemd's ``PIDFile=`` read), and the master holds a POSIX lock
+on it from before it appears until the master exits (the lock survives the reload's
+exec; it does not pass to forked children). Before any command signals the pid it asks
+the kernel who holds that lock (``F_GETLK``): only that pid is the master. A pid that is
+dead or now another process's makes the pidfile stale: it is never signalled, and the
+pidfile never stops a start. A pidfile that belongs to neither root nor the caller
+proves nothing either.
 """
 
 from __future__ import annotations
@@ -37,31 +38,22 @@ from . import fdutil, fsafe
 
 
 def read_pidfile(path: str) -> Optional[int]:
-    return read_pidfile_entry(path)[0]
-
-
-def read_pidfile_entry(path: str) -> Tuple[Optional[int], Optional[int]]:
-    """(pid, start time in clock ticks) from a pidfile; either may be None."""
+    """The pid a pidfile names (its first word), without following a link."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return None, None
+        return None
     try:
         text = os.read(fd, 256).decode("ascii", "replace")
     except OSError:
-        return None, None
+        return None
     finally:
         os.close(fd)
-    fields = text.split()
     try:
-        pid = int(fields[0])
+        pid = int(text.split()[0])
     except (ValueError, IndexError):
-        return None, None
-    try:
-        start: Optional[int] = int(fields[1])
-    except (ValueError, IndexError):
-        start = None
-    return (pid if pid > 0 else None), start
+        return None
+    return pid if pid > 0 else None
 
 
 def pid_alive(pid: int) -> bool:
@@ -118,9 +110,9 @@ def lock_holder(path: str) -> Optional[int]:
 class PidfileState:
     """What a pidfile says and whether it is true.
 
-    ``live``: the pid is the master that wrote the file (it holds the file's lock, or it
-    started at the recorded time). ``stale``: a file
-    is there but its pid is dead or now another process. Neither: no pidfile."""
+    ``live``: the pid is the master that wrote the file (it holds the file's lock).
+    ``stale``: a file is there but its pid is dead or now another process. Neither: no
+    pidfile."""
 
     __slots__ = ("path", "pid", "live", "reason")
 
@@ -143,7 +135,7 @@ def inspect_pidfile(path: str) -> PidfileState:
         return PidfileState(path, None, False, "no pidfile")
     except OSError:
         return PidfileState(path, None, False, "unreadable")
-    pid, start = read_pidfile_entry(path)
+    pid = read_pidfile(path)
     if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()):
         # Not written by a master we may command (root's or ours): the app's user, if it
         # can write that directory, must not be able to name a pid for root to signal.
@@ -155,8 +147,6 @@ def inspect_pidfile(path: str) -> PidfileState:
         return PidfileState(path, pid, False, f"pid {pid} is not running")
     if lock_holder(path) == pid:
         return PidfileState(path, pid, True, "holds the pidfile lock")
-    if start is not None and process_start_ticks(pid) == start:
-        return PidfileState(path, pid, True, "started when the pidfile says")
     return PidfileState(path, pid, False,
                         f"pid {pid} runs but is not the master that wrote the pidfile")
 
@@ -167,11 +157,9 @@ def same_process(pid: int, start: Optional[int]) -> bool:
 
 
 def write_pidfile(path: str, pid: int) -> int:
-    """Write the pidfile (pid and start time), locked; returns the descriptor holding the
-    lock, which the master keeps open (and carries across its reload's exec)."""
-    start = process_start_ticks(pid)
-    text = f"{pid} {start}\n" if start is not None else f"{pid}\n"
-    return fsafe.create_exclusive(path, text.encode("ascii"), 0o644, lock=True)
+    """Write the pidfile, locked; returns the descriptor holding the lock, which the
+    master keeps open (and carries across its reload's exec)."""
+    return fsafe.create_exclusive(path, f"{pid}\n".encode("ascii"), 0o644, lock=True)
 
 
 PIDFILE_FD_ENV = "FCGI_MANAGER_PIDFILE_FD"

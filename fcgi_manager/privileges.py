@@ -47,7 +47,7 @@ class RunAs:
             os.setresgid(self.gid, self.gid, self.gid)
         if self.uid is not None:
             os.setresuid(self.uid, self.uid, self.uid)
-            if 0 in os.getresuid():
+            if self.uid != 0 and 0 in os.getresuid():
                 raise OSError(errno.EPERM, "could not drop root for good")
             try:
                 home = pwd.getpwuid(self.uid).pw_dir

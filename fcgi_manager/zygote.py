@@ -275,7 +275,7 @@ def _reap_quietly() -> None:
 
 def new_zygote_wanted(preload: bool, app_given: bool, user: Any) -> bool:
     """Preload as root with manager.user: import in a zygote, never in the master."""
-    return preload and not app_given and user.switching and user.uid is not None
+    return preload and not app_given and user.switching and user.uid not in (None, 0)
 
 
 __all__ = ["Zygote", "new_zygote_wanted"]

@@ -213,6 +213,19 @@ def test_root_without_user_is_said_by_start_check_and_status(make_manager: MakeM
     m.stop()
 
 
+@pytest.mark.parametrize("preload", [True, False], ids=["preload", "no-preload"])
+def test_manager_user_root_is_no_drop(make_manager: MakeManager, preload: bool) -> None:
+    """``manager.user = "root"`` (an explicit choice) starts and serves: there is nothing
+    to drop to, so it is the same as no manager.user."""
+    _need_root()
+    m = make_manager("hello:app", count=1, app={"preload": preload},
+                     manager={"user": "root", "group": "root"})
+    m.start()
+    assert fcgi_request(f"unix:{m.socket_path}", "/").status_code == 200
+    assert m.status()["workers_user"] == "root"
+    m.stop()
+
+
 # -- row 2: the client filter fails closed -------------------------------------------------
 
 def _refused(port: int) -> bool:
