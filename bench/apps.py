@@ -13,6 +13,7 @@ does no work beyond what the server itself asks of it.
   app threads are for (``bench/threads.py``).
 - ``wait``: waits 1 s, so that every request of a load is waiting at the same moment (the
   memory a pool needs to hold that many, ``bench/threads.py``).
+- ``mixed``: ``hello``, except ``.../slow`` which takes a second (``headofline.py``).
 """
 
 from __future__ import annotations
@@ -84,4 +85,18 @@ def sleep20(environ: dict, start_response: StartResponse) -> Iterable[bytes]:
 def wait(environ: dict, start_response: StartResponse) -> Iterable[bytes]:
     """Wait 1 s, then answer 13 bytes of plain text."""
     time.sleep(1.0)
+    return _respond(start_response, HELLO_BODY, "text/plain")
+
+
+SLOW_SECONDS = 1.0
+
+
+def mixed(environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+    """``.../slow`` sleeps ``SLOW_SECONDS`` (a slow endpoint); anything else is ``hello``.
+
+    The head-of-line experiment (``headofline.py``) keeps one slow request running while
+    other clients send instant ones.
+    """
+    if environ.get("PATH_INFO", "").endswith("/slow"):
+        time.sleep(SLOW_SECONDS)
     return _respond(start_response, HELLO_BODY, "text/plain")

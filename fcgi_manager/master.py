@@ -43,6 +43,7 @@ from . import status as status_mod
 from .appload import load_app, prepare_import
 from .config import Config
 from .errors import AppImportError, FcgiManagerError, ProtocolError
+from .handoff import HandoffChannel, channel_for
 from .pool import PoolSizer, PoolView, threaded_view
 from .privileges import apply_environment, resolve_user
 from .scoreboard import MAX_SLOTS, Scoreboard, SlotWriter
@@ -127,6 +128,7 @@ class Master:
                                                             cfg.manager.log_level)
         self.address = sockets.parse_address(cfg.listen.bind)
         self.listener: Optional[socket.socket] = None
+        self.handoff: Optional[HandoffChannel] = None  # idle kept connections, worker to worker
         self.sock_inode = 0
         self.control_sock: Optional[socket.socket] = None
         self.board: Optional[Scoreboard] = None
@@ -184,6 +186,7 @@ class Master:
                                                     cfg.listen.mode, cfg.listen.owner,
                                                     cfg.listen.group)
             self.sock_inode = sockets.socket_file_inode(self.address)
+            self.handoff = channel_for(cfg.workers.threads, None)
         os.umask(cfg.manager.umask)
         # Before app.clear_env empties the environment: the filter never depends on it.
         self.client_filter = sockets.ClientFilter.from_config(cfg.listen.allowed_clients)
@@ -264,6 +267,7 @@ class Master:
         self.resumed = True
         self.listener = socket.socket(fileno=state["listener"])
         self.sock_inode = state["sock_inode"]
+        self.handoff = channel_for(self.cfg.workers.threads, state.get("handoff"))
         self.control_sock = socket.socket(fileno=state["control"])
         self.board = Scoreboard(MAX_SLOTS, fd=state["board"])
         self.death_r, self.death_w = state["death"]
@@ -466,6 +470,8 @@ class Master:
         # Our copy of the listening socket goes first, so that it closes for good as
         # soon as the workers have taken what is queued and closed theirs.
         self._close_listener()
+        if self.handoff is not None:
+            self.handoff.shut()  # nobody is left to take a kept connection
         for rec in self.workers.values():
             self._stop_worker(rec, "stop", signal.SIGINT if now else signal.SIGTERM, grace)
         for client in self.reload_waiters:
@@ -596,6 +602,8 @@ class Master:
         assert self.board is not None and self.listener is not None
         keep = [self.listener.fileno(), self.control_sock.fileno(), self.board.fd,  # type: ignore
                 self.death_r, self.death_w]
+        if self.handoff is not None:
+            keep += self.handoff.fds()
         workers = []
         for rec in self.workers.values():
             workers.append({"slot": rec.slot, "pid": rec.pid, "generation": rec.generation,
@@ -616,6 +624,7 @@ class Master:
             "scale": {"mode": self.cfg.workers.mode, "target": self.target,
                       "configured": self.cfg.workers.effective_count},
             "zygote": self.zygote.pid if self.zygote is not None else 0,
+            "handoff": self.handoff.fds() if self.handoff is not None else None,
         }
         env_extra: Dict[str, str] = {}
         daemon.carry_pidfile_fd(self.pidfile_fd, env_extra)
@@ -782,7 +791,8 @@ class Master:
                               listener=self.listener, slot=SlotWriter(board, slot),
                               worker_id=slot + 1, master_fd=self.death_r, notify_fd=note_w,
                               max_requests=max_requests, status_page=status_page,
-                              client_filter=self.client_filter)
+                              client_filter=self.client_filter,
+                              handoff=self.handoff)
         return worker.run()
 
     def _close_master_fds(self) -> None:

@@ -40,11 +40,13 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
 from . import protocol
 from .errors import ProtocolError
+from .handoff import CLOSED, FLAG_KEPT, FLAG_SNDTIMEO, SENT, HandoffChannel, Watchdog
 from .scoreboard import SlotWriter
 from .sockets import ClientFilter
 from .states import WorkerState
@@ -198,6 +200,7 @@ class Worker:
         max_requests: int,
         status_page: Optional[Callable[[str], tuple]] = None,
         client_filter: Optional[ClientFilter] = None,
+        handoff: Optional[HandoffChannel] = None,
     ) -> None:
         self.app = app
         self.cfg = config
@@ -239,6 +242,14 @@ class Worker:
         self._emfile_logged = 0.0
         self._stop_began = 0.0
         self._next_memory_check = 0.0
+        # Hand-off of idle connections to sibling workers (see handoff.py).
+        self.handoff = handoff
+        self._handoff_lock: Any = threading.Lock() if handoff is not None else None
+        self._app_calls = 0
+        self._serving: Optional[Conn] = None
+        self._released: List[int] = []  # handed off; closed by the main thread
+        self._hand_on: Optional[bool] = None  # decided once stopping: hand on, or close
+        self._master_gone = False
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -315,6 +326,8 @@ class Worker:
         self._accepting = True
         ep.register(self.master_fd, _EPOLLIN)
         ep.register(self._wakeup_r, _EPOLLIN)
+        if self.handoff is not None:
+            self._start_handoff()
         self.slot.set_state(WorkerState.IDLE)
         self._notify(b"R")
         try:
@@ -329,6 +342,8 @@ class Worker:
         listen_fd = self.listen_fd
         poll_deadline = 0.0
         while True:
+            if self._released:
+                self._close_released()
             if self.stopping:
                 if self._accepting:
                     self._stop_accepting()
@@ -355,9 +370,12 @@ class Worker:
                 conn = conns.get(fd)
                 if conn is not None:
                     self._readable(conn)
+                elif fd == self._handoff_fd:
+                    self._take_handed()
                 elif fd == self.master_fd:
                     log.warning("the master process is gone: finishing and exiting")
                     ep.unregister(fd)
+                    self._master_gone = True
                     self.stopping = True
                 elif fd == self._wakeup_r:
                     try:
@@ -400,6 +418,8 @@ class Worker:
             pass
 
     def _retire_idle_kept(self, now: float) -> None:
+        if self.handoff is not None and self._hands_on():
+            self._release_idle(None)
         for conn in list(self.conns.values()):
             if conn.last_used and not conn.mid_request() and \
                     now - max(conn.last_used, self._stop_began) >= STOP_IDLE_GRACE:
@@ -678,6 +698,7 @@ class Worker:
         send = conn.send
         keep = conn.parser.keep_conn
         conn.replies = 0
+        self._app_enter(conn)
         try:
             special = self._own_answer(conn, params)
             if special is not None:
@@ -688,6 +709,7 @@ class Worker:
                 run_app(self.app, environ, send, rid, self.errors, self._log_exception,
                         conn.check_abort)
         except RequestAborted as exc:
+            self._app_exit()
             # Stop the output and end the request; the connection stays usable.
             log.info("%s %s: %s", method, uri[:200], exc)
             self.errors.reset()
@@ -699,6 +721,7 @@ class Worker:
                 self._close(conn)
                 return False
         except ClientGone as exc:
+            self._app_exit()
             log.info("%s %s: %s (client abort?)", method, uri[:200], exc)
             self.errors.reset()
             slot.idle()
@@ -707,6 +730,7 @@ class Worker:
             self.served += 1
             self._check_recycle()
             return False
+        self._app_exit()
         slot.idle()
         conn.parser.request_done()
         conn.request_id = 0
@@ -717,6 +741,8 @@ class Worker:
         if self.max_requests or self.max_memory:
             self._check_recycle()
         if not keep or self.stopping:
+            if keep and self._hand_on_at_stop(conn):
+                return conn.fd in self.conns  # handed on, or kept for another try
             self._close(conn)  # while stopping: FIN right behind END_REQUEST (see above)
             return False
         if len(self.conns) > self.max_idle:
@@ -811,11 +837,126 @@ class Worker:
         log.warning("wsgi.errors: %s", line)
 
     def _shutdown(self) -> None:
+        self._close_released()
         for conn in list(self.conns.values()):
             if conn.mid_request():
                 log.warning("closing a connection with an unfinished request at exit")
             self._close(conn)
         self.slot.set_state(WorkerState.STOPPING)
+
+    # -- hand-off of idle connections to sibling workers (see handoff.py) ----------------
+
+    @property
+    def _handoff_fd(self) -> int:
+        return self.handoff.recv_fd if self.handoff is not None else -1
+
+    def _start_handoff(self) -> None:
+        """Watch the shared hand-off socket (wake-one) and start the watchdog thread."""
+        assert self.handoff is not None
+        self.epoll.register(self.handoff.recv_fd,
+                            _EPOLLIN | getattr(select, "EPOLLEXCLUSIVE", 0))
+        self._handoff_lock.acquire()  # held by this thread except around the app call
+        Watchdog(self._handoff_lock, lambda: self._app_calls,
+                 lambda: self._release_idle(self._serving)).start()
+
+    def _app_enter(self, conn: Conn) -> None:
+        """The app is about to run for ``conn``: the watchdog may now move the others."""
+        lock = self._handoff_lock
+        if lock is not None:
+            self._serving = conn
+            self._app_calls += 1
+            lock.release()
+
+    def _app_exit(self) -> None:
+        lock = self._handoff_lock
+        if lock is not None:
+            lock.acquire()  # waits only if the watchdog is handing off at this instant
+            self._serving = None
+
+    def _release_idle(self, serving: Optional[Conn]) -> int:
+        """Hand every connection that is between requests (except ``serving``) to the
+        siblings; return how many movable ones stay here (the queue is full).
+
+        Called by the watchdog while the app runs, or by the main thread once stopping.
+        Only the table changes here: the descriptors are unregistered and closed by the
+        main thread (:meth:`_close_released`), so that no descriptor number is reused
+        while an epoll event for it may still be waiting to be handled.
+        """
+        handoff = self.handoff
+        assert handoff is not None
+        movable = [c for c in self.conns.values()
+                   if c is not serving and not c.pending and not c.mid_request()]
+        for i, conn in enumerate(movable):
+            flags = (FLAG_KEPT if conn.last_used else 0) | (FLAG_SNDTIMEO if conn.timed else 0)
+            result = handoff.offer(conn.fd, conn.peer, flags)
+            if result != SENT:
+                return 0 if result == CLOSED else len(movable) - i
+            del self.conns[conn.fd]
+            self._released.append(conn.fd)
+        return 0
+
+    def _close_released(self) -> None:
+        """Close our copies of the connections handed off (the sibling has its own)."""
+        fds, self._released = self._released, []
+        for fd in fds:
+            try:
+                self.epoll.unregister(fd)  # the description lives on: epoll would keep it
+            except (OSError, ValueError):
+                pass
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _take_handed(self) -> None:
+        """Take connections a sibling let go of; their next request may already be here."""
+        handoff = self.handoff
+        assert handoff is not None
+        now = time.monotonic()
+        for handed in handoff.take():
+            conn = Conn(handed.fd, handed.peer, protocol.DEFAULT_MAX_PARAMS)
+            conn.timed = bool(handed.flags & FLAG_SNDTIMEO)
+            if handed.flags & FLAG_KEPT:
+                conn.last_used = now
+                conn.deadline = now + IDLE_CONN_TIMEOUT
+            else:
+                conn.deadline = now + self.read_timeout
+            self.conns[conn.fd] = conn
+            self._park(conn)  # level-triggered: a waiting request shows at the next poll
+        if handoff.closed:
+            self._stop_taking()
+
+    def _stop_taking(self) -> None:
+        try:
+            self.epoll.unregister(self._handoff_fd)
+        except (OSError, ValueError):
+            pass
+
+    def _hands_on(self) -> bool:
+        """Once stopping: hand idle connections on (recycle, scale-down, reload), or keep
+        them and close them once idle (a full stop shuts the channel; the master is
+        gone; ondemand, where no sibling may be left to take them)."""
+        if self._hand_on is None:
+            handoff = self.handoff
+            self._hand_on = bool(handoff is not None and not self._master_gone
+                                 and self.cfg.workers.mode != "ondemand" and handoff.is_open())
+            if self._hand_on:
+                self._stop_taking()
+        return self._hand_on
+
+    def _hand_on_at_stop(self, conn: Conn) -> bool:
+        """Stopping, right after END_REQUEST on a kept connection: False = close it as
+        usual; True = hand it on: done (it left ``conns``), or the queue is full and it
+        stays, parked, for :meth:`_retire_idle_kept` to try again."""
+        if conn.pending or not self._hands_on():
+            return False
+        assert self.handoff is not None
+        result = self.handoff.offer(conn.fd, conn.peer,
+                                    FLAG_KEPT | (FLAG_SNDTIMEO if conn.timed else 0))
+        if result == SENT:
+            del self.conns[conn.fd]
+            self._released.append(conn.fd)
+        return result != CLOSED
 
 
 def _peer_name(peer: Any) -> str:
