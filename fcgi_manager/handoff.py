@@ -40,6 +40,7 @@ HANDOFF_AFTER = 0.005  # a request older than this (5-10 ms) lets go of its idle
 MESSAGE_MAX = 512  # one hand-off message: flags and the peer's address as text
 TAKE_BATCH = 8  # connections taken per wakeup: the rest wake another idle worker
 MAX_FDS = 4  # room for descriptors in one message (we send one; more are closed)
+SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 RECV_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 FLAG_KEPT = 1  # it served a request already (idle kept), not a fresh connection
@@ -116,8 +117,9 @@ class HandoffChannel:
             return CLOSED
         payload = bytes((flags,)) + encode_peer(peer)
         try:
-            socket.send_fds(self.send_sock, [payload], [fd],
-                            socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            # Not socket.send_fds: before Python 3.12 it ignores its flags (and blocks).
+            self.send_sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                array.array("i", [fd]))], SEND_FLAGS)
         except (BlockingIOError, InterruptedError):
             return FULL
         except OSError as exc:
@@ -154,8 +156,8 @@ class HandoffChannel:
         return taken
 
     def _receive(self) -> Tuple[bytes, List[int]]:
-        """One message and its descriptors, without waiting (``socket.recv_fds`` ignores
-        its flags before Python 3.12, so it would block: ``recvmsg`` directly)."""
+        """One message and its descriptors, without waiting (not ``socket.recv_fds``:
+        before Python 3.12 it ignores its flags, and would block)."""
         fds = array.array("i")
         data, ancdata, _flags, _addr = self.recv_sock.recvmsg(
             MESSAGE_MAX, socket.CMSG_SPACE(MAX_FDS * fds.itemsize), RECV_FLAGS)

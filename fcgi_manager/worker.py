@@ -247,7 +247,8 @@ class Worker:
         self._handoff_lock: Any = threading.Lock() if handoff is not None else None
         self._app_calls = 0
         self._serving: Optional[Conn] = None
-        self._released: List[int] = []  # handed off; closed by the main thread
+        self._released: List[int] = []  # numbers of handed-off fds, now placeholders
+        self._placeholder = -1
         self._hand_on: Optional[bool] = None  # decided once stopping: hand on, or close
         self._master_gone = False
 
@@ -855,6 +856,7 @@ class Worker:
         assert self.handoff is not None
         self.epoll.register(self.handoff.recv_fd,
                             _EPOLLIN | getattr(select, "EPOLLEXCLUSIVE", 0))
+        self._placeholder = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._handoff_lock.acquire()  # held by this thread except around the app call
         Watchdog(self._handoff_lock, lambda: self._app_calls,
                  lambda: self._release_idle(self._serving)).start()
@@ -891,18 +893,32 @@ class Worker:
             result = handoff.offer(conn.fd, conn.peer, flags)
             if result != SENT:
                 return 0 if result == CLOSED else len(movable) - i
-            del self.conns[conn.fd]
-            self._released.append(conn.fd)
+            self._let_go(conn)
         return 0
 
+    def _let_go(self, conn: Conn) -> None:
+        """Forget ``conn`` once handed off, and drop our reference to its socket now.
+
+        Now, not once the app returns: until the last reference is gone, a close by the
+        worker that took it would not reach the web server. Unregistered first: epoll
+        watches the socket, not the number, and the socket lives on elsewhere. The number
+        stays taken by a placeholder until the main thread closes it between two polls
+        (:meth:`_close_released`), so that an epoll event already fetched for it can
+        never be mistaken for a new connection's.
+        """
+        fd = conn.fd
+        del self.conns[fd]
+        try:
+            self.epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        os.dup2(self._placeholder, fd, inheritable=False)
+        self._released.append(fd)
+
     def _close_released(self) -> None:
-        """Close our copies of the connections handed off (the sibling has its own)."""
+        """Free the numbers of the connections handed off (see :meth:`_let_go`)."""
         fds, self._released = self._released, []
         for fd in fds:
-            try:
-                self.epoll.unregister(fd)  # the description lives on: epoll would keep it
-            except (OSError, ValueError):
-                pass
             try:
                 os.close(fd)
             except OSError:
@@ -954,8 +970,7 @@ class Worker:
         result = self.handoff.offer(conn.fd, conn.peer,
                                     FLAG_KEPT | (FLAG_SNDTIMEO if conn.timed else 0))
         if result == SENT:
-            del self.conns[conn.fd]
-            self._released.append(conn.fd)
+            self._let_go(conn)
         return result != CLOSED
 
 

@@ -1,0 +1,262 @@
+"""Hand-off of idle kept connections between workers (fcgi_manager/handoff.py).
+
+Real workers, real sockets: a client holds FastCGI connections with the keep-conn flag,
+learns from the app's answer which worker process holds each, and makes one of them run a
+slow request. The others must then move to a sibling (or stay, when the hand-off queue is
+full) without losing a byte of a request already sent on them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Tuple
+
+import psutil
+from support import (
+    FcgiReply,
+    ProcessTracker,
+    cgi_params,
+    connect_fcgi,
+    fcgi_request_bytes,
+    read_fcgi_records,
+    wait_for,
+)
+
+from fcgi_manager import config as config_mod
+from fcgi_manager import sockets
+from fcgi_manager.handoff import CLOSED, FULL, SENT, HandoffChannel
+from fcgi_manager.scoreboard import Scoreboard, SlotWriter
+from fcgi_manager.worker import Worker
+
+PID = re.compile(rb"in pid (\d+)")
+
+
+def _send(sock: socket.socket, path: str, rid: int = 1) -> None:
+    sock.sendall(fcgi_request_bytes(cgi_params(path), rid=rid, keep_conn=True))
+
+
+def _reply(sock: socket.socket, rid: int = 1, timeout: float = 30.0) -> FcgiReply:
+    return FcgiReply(read_fcgi_records(sock, rid, timeout))
+
+
+def _pid_of(reply: FcgiReply) -> int:
+    match = PID.search(reply.body)
+    assert reply.status_code == 200 and match, reply
+    return int(match.group(1))
+
+
+def _two_on_one_worker(address: str, tries: int = 8) -> Tuple[int, socket.socket,
+                                                                socket.socket, List[Any]]:
+    """Kept connections until two are held by the same worker: (its pid, both, all)."""
+    held: Dict[int, List[socket.socket]] = {}
+    opened = []
+    for _ in range(tries):
+        sock = connect_fcgi(address)
+        opened.append(sock)
+        _send(sock, "/?s=0")
+        pid = _pid_of(_reply(sock))
+        held.setdefault(pid, []).append(sock)
+        if len(held[pid]) == 2:
+            return pid, held[pid][0], held[pid][1], opened
+    raise AssertionError(f"no worker got two of {tries} connections: {held}")
+
+
+def _server_ports(pid: int) -> List[int]:
+    """Remote ports of the TCP connections process ``pid`` holds."""
+    try:
+        return [c.raddr.port for c in psutil.Process(pid).net_connections("tcp") if c.raddr]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_a_request_already_sent_moves_with_its_connection_and_is_served(
+        make_manager: Callable[..., Any]) -> None:
+    manager = make_manager("slow:app", count=2, bind="tcp")
+    manager.start()
+    manager.wait_workers(2)
+    busy_pid, k1, k2, opened = _two_on_one_worker(manager.bind)
+    try:
+        # Back to back: the slow request on one, then a request on the other while the
+        # worker holding both is (about to be) inside the app. It never reads k2: the
+        # bytes are in the socket when the watchdog hands k2 to the other worker.
+        started = time.monotonic()
+        _send(k1, "/?s=3")
+        _send(k2, "/?s=0")
+        fast = _reply(k2, timeout=10)
+        fast_took = time.monotonic() - started
+        other = _pid_of(fast)
+        assert other != busy_pid and other in manager.worker_pids()
+        assert fast_took < 2.0, f"the request waited for the slow one ({fast_took:.2f} s)"
+        slow = _reply(k1, timeout=10)
+        assert _pid_of(slow) == busy_pid and b"slept 3" in slow.body, slow
+        # Both connections stay usable; k2 is now held by the other worker.
+        _send(k2, "/?s=0", rid=2)
+        assert _pid_of(_reply(k2, rid=2)) == other
+        _send(k1, "/?s=0", rid=2)
+        assert _pid_of(_reply(k1, rid=2)) in manager.worker_pids()
+    finally:
+        for sock in opened:
+            sock.close()
+    assert "Traceback" not in manager.log_text()
+
+
+def test_a_worker_dying_with_its_connections_in_the_channel_loses_only_its_request(
+        make_manager: Callable[..., Any]) -> None:
+    """One worker: what it hands off waits in the channel (nobody else to take it). It is
+    killed there; its replacement takes the connection and serves it."""
+    manager = make_manager("slow:app", count=1, bind="tcp")
+    manager.start()
+    (first,) = [w["pid"] for w in manager.wait_workers(1)["workers"]]
+    k1 = connect_fcgi(manager.bind)
+    k2 = connect_fcgi(manager.bind)
+    try:
+        for sock in (k1, k2):
+            _send(sock, "/?s=0")
+            assert _pid_of(_reply(sock)) == first
+        k2_port = k2.getsockname()[1]
+        assert k2_port in _server_ports(first)
+        _send(k1, "/?s=60")
+        wait_for(lambda: k2_port not in _server_ports(first), 10,
+                 "the busy worker to let go of the idle connection")
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: [p for p in manager.worker_pids() if p != first], 15,
+                 "a replacement worker")
+        (second,) = manager.wait_workers(1)["workers"]
+        _send(k2, "/?s=0", rid=2)
+        assert _pid_of(_reply(k2, rid=2, timeout=10)) == second["pid"]
+        # The killed worker's own request is the only loss: its connection just ends.
+        records = read_fcgi_records(k1, 1, 10)
+        assert not [r for r in records if r[0] == 3], records
+    finally:
+        k1.close()
+        k2.close()
+
+
+# -- the channel and one worker, in this process and a forked child ------------------------
+
+
+def _hello_pid(environ: Dict[str, Any], start_response: Callable) -> List[bytes]:
+    query = environ.get("QUERY_STRING", "")
+    seconds = float(query[2:]) if query.startswith("s=") else 0.0
+    time.sleep(seconds)
+    body = f"slept {seconds:g} s in pid {os.getpid()}\n".encode()
+    start_response("200 OK", [("Content-Type", "text/plain"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+
+
+class ForkedWorker:
+    """A :class:`Worker` in a forked child, as the master runs it (with a channel)."""
+
+    def __init__(self, tmp: Path, handoff: HandoffChannel) -> None:
+        self.address = f"unix:{tmp / 'w.sock'}"
+        cfg = config_mod.from_options("unused:app", bind=self.address)
+        listener = sockets.create_listener(sockets.parse_address(self.address), 64)
+        board = Scoreboard(4)
+        death_r, self.death_w = os.pipe()
+        note_r, note_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                os.close(self.death_w)
+                os.close(note_r)
+                code = Worker(app=_hello_pid, config=cfg, listener=listener,
+                              slot=SlotWriter(board, 0), worker_id=1, master_fd=death_r,
+                              notify_fd=note_w, max_requests=0, handoff=handoff).run()
+            finally:
+                os._exit(code)
+        self.pid = pid
+        self.tracker = ProcessTracker()
+        self.tracker.add(pid)
+        for fd in (death_r, note_w):
+            os.close(fd)
+        listener.close()
+        board.close()
+        with os.fdopen(note_r, "rb") as notes:
+            assert notes.read(1) == b"R", "the worker did not get ready"
+
+    def stop(self) -> None:
+        os.close(self.death_w)  # the "master" goes away: the worker finishes and exits
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if os.waitpid(self.pid, os.WNOHANG)[0]:
+                return
+            time.sleep(0.02)
+        self.tracker.kill_all()
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass  # reaped by the tracker
+
+
+def test_a_full_channel_refuses_and_the_connection_stays_where_it_is(tmp_path: Path) -> None:
+    handoff = HandoffChannel.create()
+    handoff.send_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    dummy_r, dummy_w = os.pipe()
+    filled = 0
+    while handoff.offer(dummy_r, None, 0) == SENT:
+        filled += 1
+        assert filled < 100000
+    assert filled > 0 and handoff.offer(dummy_r, None, 0) == FULL
+    worker = ForkedWorker(tmp_path, handoff)
+    k1 = connect_fcgi(worker.address)
+    k2 = connect_fcgi(worker.address)
+    try:
+        for sock in (k1, k2):
+            _send(sock, "/?s=0")
+            assert _pid_of(_reply(sock)) == worker.pid
+        # A slow request on k1 and one on k2 right behind it: the worker's watchdog
+        # cannot hand k2 on (the channel is full), so k2 waits and is served after k1.
+        _send(k1, "/?s=0.5")
+        _send(k2, "/?s=0")
+        assert b"slept 0.5" in _reply(k1, timeout=10).body
+        assert _pid_of(_reply(k2, timeout=10)) == worker.pid
+        # Nothing of the worker's got into the channel: only our own messages are there.
+        drained = handoff.take(filled + 10)
+        assert len(drained) == filled
+        pipe_inode = os.fstat(dummy_r).st_ino
+        assert all(os.fstat(h.fd).st_ino == pipe_inode for h in drained)
+        for h in drained:
+            os.close(h.fd)
+        # Room again: the next slow request lets k2 go, and it arrives here, intact.
+        _send(k1, "/?s=1", rid=2)
+        taken = wait_for(lambda: handoff.take(1), 10, "the idle connection in the channel")
+        _send(k2, "/?s=0", rid=2)
+        moved = socket.socket(fileno=taken[0].fd)
+        moved.settimeout(5)
+        assert moved.recv(65536).startswith(b"\x01\x01\x00\x02")  # BEGIN_REQUEST, id 2
+        moved.close()
+    finally:
+        k1.close()
+        k2.close()
+        worker.stop()
+        os.close(dummy_r)
+        os.close(dummy_w)
+        handoff.close()
+
+
+def test_a_shut_channel_says_so_to_every_holder() -> None:
+    handoff = HandoffChannel.create()
+    r, w = os.pipe()
+    try:
+        assert handoff.is_open() and handoff.offer(r, ("127.0.0.1", 5), 1) == SENT
+        other = HandoffChannel.from_fds([os.dup(fd) for fd in handoff.fds()])
+        handoff.shut()
+        assert not other.is_open()
+        assert other.offer(r, None, 0) == CLOSED
+        (queued,) = other.take()  # what was queued before the stop is still delivered
+        assert queued.peer == ("127.0.0.1", 5) and queued.flags == 1
+        os.close(queued.fd)
+        assert other.take() == [] and other.closed
+        other.close()
+    finally:
+        os.close(r)
+        os.close(w)
+        handoff.close()
+
