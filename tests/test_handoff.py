@@ -12,9 +12,10 @@ import os
 import re
 import signal
 import socket
+import stat
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import psutil
 from support import (
@@ -29,7 +30,7 @@ from support import (
 
 from fcgi_manager import config as config_mod
 from fcgi_manager import sockets
-from fcgi_manager.handoff import CLOSED, FULL, SENT, HandoffChannel
+from fcgi_manager.handoff import CLOSED, SENT, HandoffChannel
 from fcgi_manager.scoreboard import Scoreboard, SlotWriter
 from fcgi_manager.worker import Worker
 
@@ -140,11 +141,23 @@ def test_a_worker_dying_with_its_connections_in_the_channel_loses_only_its_reque
 # -- the channel and one worker, in this process and a forked child ------------------------
 
 
+_CHANNEL: Dict[str, HandoffChannel] = {}  # what the app in the forked worker may fill
+
+
 def _hello_pid(environ: Dict[str, Any], start_response: Callable) -> List[bytes]:
+    """``?s=N`` sleeps N seconds; ``/fill`` first fills the hand-off channel until it
+    refuses (from inside the worker, so that no idle worker can empty it meanwhile)."""
     query = environ.get("QUERY_STRING", "")
     seconds = float(query[2:]) if query.startswith("s=") else 0.0
+    filled = 0
+    if environ.get("PATH_INFO") == "/fill":
+        channel = _CHANNEL["handoff"]
+        null = os.open(os.devnull, os.O_RDONLY)
+        while channel.offer(null, None, 0) == SENT:
+            filled += 1
+        os.close(null)
     time.sleep(seconds)
-    body = f"slept {seconds:g} s in pid {os.getpid()}\n".encode()
+    body = f"slept {seconds:g} s in pid {os.getpid()}, filled {filled}\n".encode()
     start_response("200 OK", [("Content-Type", "text/plain"),
                               ("Content-Length", str(len(body)))])
     return [body]
@@ -196,14 +209,8 @@ class ForkedWorker:
 
 
 def test_a_full_channel_refuses_and_the_connection_stays_where_it_is(tmp_path: Path) -> None:
-    handoff = HandoffChannel.create()
+    handoff = _CHANNEL["handoff"] = HandoffChannel.create()
     handoff.send_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    dummy_r, dummy_w = os.pipe()
-    filled = 0
-    while handoff.offer(dummy_r, None, 0) == SENT:
-        filled += 1
-        assert filled < 100000
-    assert filled > 0 and handoff.offer(dummy_r, None, 0) == FULL
     worker = ForkedWorker(tmp_path, handoff)
     k1 = connect_fcgi(worker.address)
     k2 = connect_fcgi(worker.address)
@@ -211,24 +218,27 @@ def test_a_full_channel_refuses_and_the_connection_stays_where_it_is(tmp_path: P
         for sock in (k1, k2):
             _send(sock, "/?s=0")
             assert _pid_of(_reply(sock)) == worker.pid
-        # A slow request on k1 and one on k2 right behind it: the worker's watchdog
-        # cannot hand k2 on (the channel is full), so k2 waits and is served after k1.
-        _send(k1, "/?s=0.5")
-        _send(k2, "/?s=0")
-        assert b"slept 0.5" in _reply(k1, timeout=10).body
-        assert _pid_of(_reply(k2, timeout=10)) == worker.pid
-        # Nothing of the worker's got into the channel: only our own messages are there.
-        drained = handoff.take(filled + 10)
-        assert len(drained) == filled
-        pipe_inode = os.fstat(dummy_r).st_ino
-        assert all(os.fstat(h.fd).st_ino == pipe_inode for h in drained)
-        for h in drained:
-            os.close(h.fd)
-        # Room again: the next slow request lets k2 go, and it arrives here, intact.
-        _send(k1, "/?s=1", rid=2)
-        taken = wait_for(lambda: handoff.take(1), 10, "the idle connection in the channel")
+        # k1 runs a slow request that first fills the channel; the worker's watchdog
+        # finds it full and keeps k2. A request on k2 waits in k2's socket.
+        _send(k1, "/fill?s=3")
         _send(k2, "/?s=0", rid=2)
-        moved = socket.socket(fileno=taken[0].fd)
+        # Empty the channel from here: every message in it is one of the app's, and
+        # only once there is room does k2 follow them -- with its request unread.
+        seen: List[int] = []
+
+        def k2_arrived() -> Optional[int]:
+            for handed in handoff.take(64):
+                if stat.S_ISSOCK(os.fstat(handed.fd).st_mode):
+                    return handed.fd
+                seen.append(handed.fd)
+                os.close(handed.fd)
+            return None
+
+        moved_fd = wait_for(k2_arrived, 10, "the kept connection, once there is room")
+        slow = _reply(k1, timeout=10)
+        match = re.search(rb"filled (\d+)", slow.body)
+        assert match and int(match.group(1)) == len(seen) > 0, (slow, len(seen))
+        moved = socket.socket(fileno=moved_fd)
         moved.settimeout(5)
         assert moved.recv(65536).startswith(b"\x01\x01\x00\x02")  # BEGIN_REQUEST, id 2
         moved.close()
@@ -236,8 +246,6 @@ def test_a_full_channel_refuses_and_the_connection_stays_where_it_is(tmp_path: P
         k1.close()
         k2.close()
         worker.stop()
-        os.close(dummy_r)
-        os.close(dummy_w)
         handoff.close()
 
 
