@@ -117,6 +117,9 @@ def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
                  "LISTEN_FDNAMES", "NOTIFY_SOCKET", "FCGI_WEB_SERVER_ADDRS"):
         env.pop(name, None)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
+    # This checkout's code, not whatever fcgi_manager the interpreter has installed.
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + (
+        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if extra:
         env.update(extra)
     return env
