@@ -23,6 +23,10 @@ is not running a request:
   that the oldest is closed); a body past ``workers.max_body`` is answered 413 without
   calling the app; a connection that sends more than ``MAX_REPLIES`` records needing a
   reply (management records, refused or aborted requests) without a request is closed.
+* **Hand-off.** Idle kept connections move to sibling workers through the master's shared
+  hand-off socket (``handoff.py``) when this worker's request has run a few milliseconds
+  (a watchdog thread does it while the app runs) and when it retires (recycle, scale-down,
+  old generation of a reload); it takes theirs the same way, wake-one, like the listener.
 
 Exit codes tell the master why the worker ended (see ``EXIT_*``); the master logs them.
 Stacks: ``SIGUSR2`` makes faulthandler write every thread's stack to stderr (which the
