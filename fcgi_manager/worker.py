@@ -883,10 +883,8 @@ class Worker:
         """Hand every connection that is between requests (except ``serving``) to the
         siblings; return how many movable ones stay here (the queue is full).
 
-        Called by the watchdog while the app runs, or by the main thread once stopping.
-        Only the table changes here: the descriptors are unregistered and closed by the
-        main thread (:meth:`_close_released`), so that no descriptor number is reused
-        while an epoll event for it may still be waiting to be handled.
+        Called by the watchdog while the app runs (the main thread then touches no
+        connection but ``serving``), or by the main thread once stopping.
         """
         handoff = self.handoff
         assert handoff is not None
