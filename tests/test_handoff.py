@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import socket
 import stat
@@ -75,18 +76,20 @@ def _server_ports(pid: int) -> List[int]:
         return []
 
 
-def test_a_request_already_sent_moves_with_its_connection_and_is_served(
+def test_a_kept_connection_of_a_busy_worker_is_served_by_another(
         make_manager: Callable[..., Any]) -> None:
     manager = make_manager("slow:app", count=2, bind="tcp")
     manager.start()
     manager.wait_workers(2)
     busy_pid, k1, k2, opened = _two_on_one_worker(manager.bind)
     try:
-        # Back to back: the slow request on one, then a request on the other while the
-        # worker holding both is (about to be) inside the app. It never reads k2: the
-        # bytes are in the socket when the watchdog hands k2 to the other worker.
+        # A slow request on k1; once it runs, a request on k2 (idle in the same worker)
+        # is answered by the other worker, long before the slow one ends.
         started = time.monotonic()
         _send(k1, "/?s=3")
+        wait_for(lambda: [w for w in manager.status()["workers"]
+                          if w["pid"] == busy_pid and w["state"] == "busy"], 10,
+                 "the slow request to run")
         _send(k2, "/?s=0")
         fast = _reply(k2, timeout=10)
         fast_took = time.monotonic() - started
@@ -208,7 +211,8 @@ class ForkedWorker:
             pass  # reaped by the tracker
 
 
-def test_a_full_channel_refuses_and_the_connection_stays_where_it_is(tmp_path: Path) -> None:
+def test_a_full_channel_keeps_the_connection_and_its_unread_request_moves_later(
+        tmp_path: Path) -> None:
     handoff = _CHANNEL["handoff"] = HandoffChannel.create()
     handoff.send_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     worker = ForkedWorker(tmp_path, handoff)
@@ -219,8 +223,12 @@ def test_a_full_channel_refuses_and_the_connection_stays_where_it_is(tmp_path: P
             _send(sock, "/?s=0")
             assert _pid_of(_reply(sock)) == worker.pid
         # k1 runs a slow request that first fills the channel; the worker's watchdog
-        # finds it full and keeps k2. A request on k2 waits in k2's socket.
+        # finds it full and keeps k2. A request on k2, sent once the app runs (the
+        # channel has its first message), waits unread in k2's socket.
         _send(k1, "/fill?s=3")
+        probe = select.poll()
+        probe.register(handoff.recv_sock.fileno(), select.POLLIN)
+        wait_for(lambda: probe.poll(0), 10, "the app to start filling the channel")
         _send(k2, "/?s=0", rid=2)
         # Empty the channel from here: every message in it is one of the app's, and
         # only once there is room does k2 follow them -- with its request unread.
