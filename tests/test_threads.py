@@ -16,11 +16,14 @@ import psutil
 from support import (
     FCGI_ABORT,
     FCGI_END,
+    FCGI_GET_VALUES,
+    FCGI_GET_VALUES_RESULT,
     FCGI_HEADER,
     FCGI_STDOUT,
     FcgiReply,
     cgi_params,
     connect_fcgi,
+    fcgi_pairs,
     fcgi_record,
     fcgi_request,
     fcgi_request_bytes,
@@ -211,20 +214,24 @@ def test_recycling_never_drops_requests_in_flight(make_manager: Any, tmp_path: P
     manager.wait_log("(workers.max_requests): recycling")
 
 
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "the connection closed in the middle of a record"
+        data += chunk
+    return data
+
+
 def _read_until_stdout(sock: socket.socket, want: int) -> int:
+    """Read whole records until ``want`` bytes of STDOUT came, stopping on a record
+    boundary, so that whoever reads next starts at a record header."""
     got = 0
-    buf = b""
     while got < want:
-        data = sock.recv(65536)
-        assert data, "the connection closed before the stream began"
-        buf += data
-        while len(buf) >= 8:
-            _, rtype, _, clen, plen = FCGI_HEADER.unpack(buf[:8])
-            if len(buf) < 8 + clen + plen:
-                break
-            if rtype == FCGI_STDOUT:
-                got += clen
-            buf = buf[8 + clen + plen:]
+        _, rtype, _, clen, plen = FCGI_HEADER.unpack(_recv_exact(sock, 8))
+        _recv_exact(sock, clen + plen)
+        if rtype == FCGI_STDOUT:
+            got += clen
     return got
 
 
@@ -347,3 +354,39 @@ def test_write_timeout_ends_one_request_while_others_run(make_manager: Any) -> N
         stuck.close()
     assert get(manager, "/").status_code == 200
     assert manager.status()["totals"]["crashes"] == 0
+
+
+def test_records_behind_a_request_wait_for_its_thread(make_manager: Any) -> None:
+    """A management record sent right behind a request is answered after that request's
+    END_REQUEST (only one thread touches a connection), and says how many requests a
+    worker runs at once."""
+    manager = threaded(make_manager, 4)
+    ask = fcgi_record(FCGI_GET_VALUES, 0, fcgi_pairs({"FCGI_MAX_REQS": "",
+                                                      "FCGI_MPXS_CONNS": ""}))
+    with connect_fcgi(manager.bind) as sock:
+        params = cgi_params("/sleep?s=0.3", QUERY_STRING="s=0.3")
+        sock.sendall(fcgi_request_bytes(params, keep_conn=True) + ask)
+        records = _records_until(sock, FCGI_GET_VALUES_RESULT)
+    kinds = [r[0] for r in records]
+    assert kinds[-2:] == [FCGI_END, FCGI_GET_VALUES_RESULT], kinds
+    assert FcgiReply(records[:-1]).body == b"slept\n"
+    assert b"FCGI_MAX_REQS4" in records[-1][2] and b"FCGI_MPXS_CONNS0" in records[-1][2]
+
+
+def _records_until(sock: socket.socket, last_type: int) -> List[Any]:
+    """Every record up to and including the first of ``last_type``."""
+    sock.settimeout(20)
+    buf = b""
+    records: List[Any] = []
+    while True:
+        data = sock.recv(65536)
+        assert data, f"the connection closed before a record of type {last_type}"
+        buf += data
+        while len(buf) >= 8:
+            _, rtype, rid, clen, plen = FCGI_HEADER.unpack(buf[:8])
+            if len(buf) < 8 + clen + plen:
+                break
+            records.append((rtype, rid, buf[8:8 + clen]))
+            buf = buf[8 + clen + plen:]
+            if rtype == last_type:
+                return records
