@@ -180,7 +180,17 @@ class Scoreboard:
     def thread_writers(self, slot: int) -> List[ThreadSlotWriter]:
         """One writer per reserved entry of ``slot`` (in the worker, after fork)."""
         first, count = self._thread_range(slot)
+        self._map_entries(first + count)
         return [ThreadSlotWriter(self, first + i) for i in range(count)]
+
+    def _map_entries(self, entries: int) -> None:
+        """Map the file again when it grew after this process mapped it: a worker forked
+        by the zygote (``manager.user``) inherits the zygote's mapping, made before the
+        master grew the file for this worker's thread entries."""
+        size = self.entries_off + entries * ENTRY_SIZE
+        if size > len(self.mem) and self.fd is not None:
+            self.mem = mmap.mmap(self.fd, max(size, os.fstat(self.fd).st_size))
+            self.size = len(self.mem)
 
     def _read_entry(self, index: int) -> Optional[tuple]:
         """(busy_since, method, uri, requests, shed) of one entry; None past the mapping

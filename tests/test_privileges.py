@@ -167,3 +167,28 @@ def test_allowed_clients_refuses_other_addresses(shared_dir: Path) -> None:
             assert client.response.stdout.startswith(b"Status: 200")
     finally:
         _stop(shared_dir)
+
+
+def test_threaded_workers_forked_as_an_unprivileged_user_serve(shared_dir: Path) -> None:
+    """With manager.user the workers are forked by a process that imported the app as that
+    user before the master made room for the thread entries; threaded workers must still
+    reach their own entries and serve (they used to fail every request)."""
+    sock = shared_dir / "threads.sock"
+    _start(shared_dir, textwrap.dedent(f'''
+        [listen]
+        bind = "unix:{sock}"
+        [workers]
+        count = 2
+        threads = 3
+        [manager]
+        user = "nobody"
+    '''))
+    try:
+        for _ in range(6):
+            reply = fcgi_request(f"unix:{sock}", "/", timeout=10)
+            assert reply.status_code == 200, reply
+        data = _status(shared_dir)
+        assert sum(w["requests"] for w in data["workers"]) == 6, data
+        assert data["totals"]["threads"] == 6, data
+    finally:
+        _stop(shared_dir)
