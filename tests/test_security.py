@@ -418,12 +418,16 @@ def test_app_children_inherit_no_manager_descriptors(make_manager: MakeManager,
     master_fds = {os.readlink(f"/proc/{data['pid']}/fd/{fd}")
                   for fd in os.listdir(f"/proc/{data['pid']}/fd")}
     assert shell_pipe not in master_fds, "the daemon kept the shell's descriptor"
-    reply = fcgi_request(f"unix:{m.socket_path}", "/fds")
-    assert reply.status_code == 200, reply
-    fds = json.loads(reply.body)
-    extra = {fd: target for fd, target in fds.items()
-             if int(fd) > 2 and not target.startswith("/proc/")}
-    assert not extra, f"the app's child inherited {extra}"
+    for when in ("start", "reload"):  # the reload's exec carries descriptors across
+        if when == "reload":
+            assert m.cli("reload", timeout=120).returncode == 0
+            m.wait_workers(1, generation=2)
+        reply = fcgi_request(f"unix:{m.socket_path}", "/fds")
+        assert reply.status_code == 200, reply
+        fds = json.loads(reply.body)
+        extra = {fd: target for fd, target in fds.items()
+                 if int(fd) > 2 and not target.startswith("/proc/")}
+        assert not extra, f"after {when}, the app's child inherited {extra}"
     m.stop()
 
 
