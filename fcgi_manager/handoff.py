@@ -123,10 +123,10 @@ class HandoffChannel:
         except (BlockingIOError, InterruptedError):
             return FULL
         except OSError as exc:
-            if exc.errno in (errno.ENOBUFS, errno.ENOMEM):
-                return FULL
-            self.closed = True  # EPIPE: shut for a full stop
-            return CLOSED
+            if exc.errno in (errno.EPIPE, errno.ENOTCONN, errno.ECONNRESET):
+                self.closed = True  # shut for a full stop
+                return CLOSED
+            return FULL  # ENOBUFS, ENOMEM, ETOOMANYREFS (descriptors in flight): later
         return SENT
 
     def take(self, limit: int = TAKE_BATCH) -> List[Handed]:
