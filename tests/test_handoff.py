@@ -31,7 +31,7 @@ from support import (
 
 from fcgi_manager import config as config_mod
 from fcgi_manager import sockets
-from fcgi_manager.handoff import CLOSED, SENT, HandoffChannel
+from fcgi_manager.handoff import CLOSED, FLAG_KEPT, SENT, HandoffChannel
 from fcgi_manager.scoreboard import Scoreboard, SlotWriter
 from fcgi_manager.worker import Worker
 
@@ -211,7 +211,7 @@ class ForkedWorker:
             pass  # reaped by the tracker
 
 
-def test_a_full_channel_keeps_the_connection_and_its_unread_request_moves_later(
+def test_a_full_channel_keeps_the_connection_and_its_unread_request_moves_and_is_served(
         tmp_path: Path) -> None:
     handoff = _CHANNEL["handoff"] = HandoffChannel.create()
     handoff.send_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
@@ -246,10 +246,13 @@ def test_a_full_channel_keeps_the_connection_and_its_unread_request_moves_later(
         slow = _reply(k1, timeout=10)
         match = re.search(rb"filled (\d+)", slow.body)
         assert match and int(match.group(1)) == len(seen) > 0, (slow, len(seen))
-        moved = socket.socket(fileno=moved_fd)
-        moved.settimeout(5)
-        assert moved.recv(65536).startswith(b"\x01\x01\x00\x02")  # BEGIN_REQUEST, id 2
-        moved.close()
+        # Its request is still unread in it: hand it back, and the worker serves it.
+        peek = socket.socket(fileno=os.dup(moved_fd))
+        assert peek.recv(8, socket.MSG_PEEK) == b"\x01\x01\x00\x02\x00\x08\x00\x00"
+        peek.close()
+        assert handoff.offer(moved_fd, None, FLAG_KEPT) == SENT
+        os.close(moved_fd)
+        assert _pid_of(_reply(k2, rid=2, timeout=10)) == worker.pid
     finally:
         k1.close()
         k2.close()
