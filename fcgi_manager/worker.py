@@ -51,6 +51,7 @@ from typing import Any, Callable, Dict, List, Optional
 from . import protocol
 from .errors import ProtocolError
 from .handoff import CLOSED, FLAG_KEPT, FLAG_SNDTIMEO, SENT, HandoffChannel, Watchdog
+from .nbaccept import nonblocking_acceptor
 from .scoreboard import SlotWriter
 from .sockets import ClientFilter
 from .states import WorkerState
@@ -91,8 +92,9 @@ class Conn:
 
     It is a raw file descriptor, not a ``socket.socket``: building a socket object costs a
     hidden ``getsockname`` per connection, and ``os.read``/``os.write`` on the fd are all
-    the request path needs. Timeouts come from the kernel: accepted sockets inherit
-    ``SO_RCVTIMEO``/``SO_SNDTIMEO`` from the listener (see :meth:`Worker._set_timeouts`).
+    the request path needs. Timeouts come from the kernel: accepted TCP sockets inherit
+    ``SO_RCVTIMEO``/``SO_SNDTIMEO`` from the listener (see :meth:`Worker._set_timeouts`);
+    unix sockets are accepted non-blocking (:mod:`.nbaccept`) and never wait in a read.
     """
 
     __slots__ = ("fd", "parser", "params", "body", "request_id", "deadline",
@@ -100,6 +102,7 @@ class Conn:
                  "untimed_sent", "replies")
 
     lazy_sndtimeo: Optional[bytes] = None  # set by the worker for unix sockets
+    write_timeout = 60.0  # set by the worker: bounds each wait for room on a non-blocking fd
 
     def __init__(self, fd: int, peer: Any, max_params: int) -> None:
         self.fd = fd
@@ -161,7 +164,8 @@ class Conn:
         return aborted
 
     def send(self, data: bytes) -> None:
-        """Write all of ``data`` (blocking, bounded by SO_SNDTIMEO)."""
+        """Write all of ``data``: blocking, bounded by SO_SNDTIMEO or, on a non-blocking
+        socket, by ``write_timeout`` per wait for room (:meth:`_send_rest`)."""
         fd = self.fd
         if self.lazy_sndtimeo is not None and not self.timed:
             # A fresh unix socket's send buffer (~208 KiB) takes the first 64 KiB without
@@ -172,11 +176,40 @@ class Conn:
                 self._set_send_timeout()
         try:
             sent = os.write(fd, data)
-            total = len(data)
-            if sent < total:
-                view = memoryview(data)
-                while sent < total:
+            if sent < len(data):
+                self._send_rest(data, sent)
+        except BlockingIOError as exc:
+            if os.get_blocking(fd):  # SO_SNDTIMEO ran out
+                raise ClientGone("write timeout: the web server stopped reading") from exc
+            self._send_rest(data, 0)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise ClientGone("the web server closed the connection") from exc
+        except OSError as exc:
+            raise ClientGone(f"write failed: {exc.strerror}") from exc
+
+    def _send_rest(self, data: bytes, sent: int) -> None:
+        """The rest of a write the socket did not take at once.
+
+        A blocking socket (bounded by SO_SNDTIMEO) that fails with EAGAIN timed out. A
+        non-blocking one (accepted with :mod:`.nbaccept`) waits for room with ``poll``,
+        each wait bounded by ``write_timeout``, as SO_SNDTIMEO bounds each blocking write.
+        """
+        fd = self.fd
+        view = memoryview(data)
+        total = len(data)
+        poller = None
+        try:
+            while sent < total:
+                try:
                     sent += os.write(fd, view[sent:])
+                except BlockingIOError:
+                    if os.get_blocking(fd):
+                        raise
+                    if poller is None:
+                        poller = select.poll()
+                        poller.register(fd, select.POLLOUT)
+                    if not poller.poll(self.write_timeout * 1000.0):
+                        raise
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise ClientGone("the web server closed the connection") from exc
         except BlockingIOError as exc:
@@ -308,6 +341,9 @@ class Worker:
         # or more, or a second request on a kept connection (Conn.send).
         self._unix = self.listener.family == socket.AF_UNIX
         Conn.lazy_sndtimeo = timeouts[0][1] if self._unix else None
+        Conn.write_timeout = self.cfg.workers.write_timeout
+        # Better still on unix sockets: accept them non-blocking (no probe, no SO_SNDTIMEO).
+        self._accept_nb = nonblocking_acceptor(self.listen_fd) if self._unix else None
         self._probe = select.poll()
 
     def _ready_now(self, fd: int) -> bool:
@@ -434,11 +470,15 @@ class Worker:
         # A bounded batch: serve what is queued, but come back to poll so that kept
         # connections with requests waiting are not starved by a stream of new ones.
         accept = self.listener._accept  # (fd, address): no socket object per connection
+        accept_nb = self._accept_nb
         for _ in range(budget):
             if self.stopping and not while_stopping:
                 return
             try:
-                fd, peer = accept()
+                if accept_nb is not None:
+                    fd, peer = accept_nb(), ""
+                else:
+                    fd, peer = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -452,7 +492,10 @@ class Worker:
             conn = Conn(fd, peer, protocol.DEFAULT_MAX_PARAMS)
             conn.deadline = time.monotonic() + self.read_timeout
             self.conns[conn.fd] = conn
-            if self._unix and not self._ready_now(fd):
+            if accept_nb is not None:
+                conn.timed = True  # non-blocking: writes wait with poll, never SO_SNDTIMEO
+                self._readable(conn)  # EAGAIN parks it
+            elif self._unix and not self._ready_now(fd):
                 self._park(conn)  # no SO_RCVTIMEO on unix sockets: never read blind
             else:
                 self._readable(conn)
