@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import faulthandler
+import gc
 import logging
 import os
 import select
@@ -83,6 +84,7 @@ MAX_UNFINISHED = 128  # connections per worker still sending their request (SPEC
 MAX_REPLIES = 64  # records answered on a connection without a request being served
 UNBOUNDED_SEND = 65536  # bytes a unix connection may be sent before it needs SO_SNDTIMEO
 _EPOLLIN = select.EPOLLIN
+_EPOLLHUP = select.EPOLLHUP
 
 log = logging.getLogger("fcgi_manager.worker")
 
@@ -369,6 +371,7 @@ class Worker:
         ep.register(self._wakeup_r, _EPOLLIN)
         if self.handoff is not None:
             self._start_handoff()
+        _freeze_setup()
         self.slot.set_state(WorkerState.IDLE)
         self._notify(b"R")
         try:
@@ -403,14 +406,20 @@ class Worker:
                 events = ep.poll(timeout)
             except InterruptedError:
                 continue
-            for fd, _ev in events:
+            for fd, ev in events:
                 if fd == listen_fd:
                     if self._accepting:
                         self._accept()
                     continue
                 conn = conns.get(fd)
                 if conn is not None:
-                    self._readable(conn)
+                    if ev & _EPOLLHUP and conn.last_used and not conn.mid_request():
+                        # The web server closed a kept connection between two requests
+                        # (nginx does for each one past its keepalive cache): no read to
+                        # find the EOF (unix sockets report the close as HUP).
+                        self._close(conn)
+                    else:
+                        self._readable(conn)
                 elif fd == self._handoff_fd:
                     self._take_handed()
                 elif fd == self.master_fd:
@@ -1017,6 +1026,19 @@ class Worker:
         if result == SENT:
             self._let_go(conn)
         return result != CLOSED
+
+
+def _freeze_setup() -> None:
+    """Hide what the worker allocated to get here from the garbage collector.
+
+    The master froze the preloaded app before forking; what the worker built since (its
+    own objects, the app when it is imported after the fork, ``post_fork``'s work) lives as
+    long as the worker too. Frozen, a collection neither walks it (CPU per collection) nor
+    writes its headers (pages that stay shared or clean).
+    """
+    gc.collect()
+    if hasattr(gc, "freeze"):
+        gc.freeze()
 
 
 def _peer_name(peer: Any) -> str:
