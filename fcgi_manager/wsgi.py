@@ -471,7 +471,14 @@ class Response:
             if self.status is None:
                 raise AssertionError("the app wrote body data before calling start_response()")
             self.headers_sent = True
-            data = self.head + data
+            head = self.head
+            n = len(head) + len(data)
+            if n <= _MAX:  # head and body in one record, without copying the body here
+                self.pending += (_HEADER.pack(_VERSION, _STDOUT, self.request_id, n, 0),
+                                 head, data)
+                self.pending_len += n
+                return
+            data = head + data
         n = len(data)
         if n <= _MAX:
             self.pending.append(_HEADER.pack(_VERSION, _STDOUT, self.request_id, n, 0))
