@@ -84,6 +84,7 @@ _END_BODY = struct.Struct("!IB3x")
 _LEN4 = struct.Struct("!I")
 
 DEFAULT_MAX_PARAMS = 256 * 1024
+STDIN_VIEW_MIN = 4096  # STDIN records this large are handed out as views, not copies
 DEFAULT_MAX_BUFFER = 1024 * 1024
 
 
@@ -115,7 +116,8 @@ class Params:
 
 
 class Stdin:
-    """A chunk of the request body."""
+    """A chunk of the request body: ``bytes``, or for a large record a ``memoryview`` of the
+    bytes received (no copy here: the body is copied once, where it is assembled)."""
 
     __slots__ = ("request_id", "data")
 
@@ -392,6 +394,7 @@ class ServerConnection:
         pos = 0
         end = len(data)
         unpack = HEADER.unpack_from
+        view = None
         while end - pos >= HEADER_LEN:
             version, rtype, rid, clen, plen = unpack(data, pos)
             if version != VERSION:
@@ -405,7 +408,12 @@ class ServerConnection:
                     if clen:
                         raise ProtocolError("STDIN record after the STDIN stream ended")
                 elif clen:
-                    events.append(Stdin(rid, data[pos + HEADER_LEN : stop]))
+                    if clen >= STDIN_VIEW_MIN and type(data) is bytes:
+                        if view is None:
+                            view = memoryview(data)
+                        events.append(Stdin(rid, view[pos + HEADER_LEN : stop]))
+                    else:
+                        events.append(Stdin(rid, data[pos + HEADER_LEN : stop]))
                 else:
                     self._stdin_done = True
                     events.append(StdinEnd(rid))
