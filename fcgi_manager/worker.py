@@ -592,8 +592,9 @@ class Worker:
                 except OSError as exc:  # no temporary file: out of descriptors, no space
                     return self._spool_failed(conn, exc)
             elif kind is protocol.StdinEnd:
-                aborted = any(type(e) is protocol.AbortRequest and e.request_id == ev.request_id
-                              for e in events[i + 1 :])
+                aborted = i + 1 < len(events) and any(  # usually the last event: no scan
+                    type(e) is protocol.AbortRequest and e.request_id == ev.request_id
+                    for e in events[i + 1 :])
                 if not self._serve(conn, aborted):
                     return False
             elif kind is protocol.BeginRequest:
