@@ -284,9 +284,18 @@ class EnvironBuilder:
         HTTP_HOST, then the scheme's default. The FastCGI socket's own port is never used:
         it is the front end's hop to us, and URLs built from it would point there.
         """
-        name, port = _split_host(params.get("SERVER_NAME") or "")
-        host_name, host_port = _split_host(params.get("HTTP_HOST") or "")
+        sent_name = params.get("SERVER_NAME") or ""
+        host = params.get("HTTP_HOST") or ""
         sent_port = params.get("SERVER_PORT") or ""
+        if not sent_name and sent_port.isdigit() and host[:1] != "[":
+            # The common case (nginx with no server_name sends it empty): the name from
+            # the Host header, the port as sent -- what the general path below gives.
+            environ["SERVER_NAME"] = (host.partition(":")[0] if host.count(":") == 1
+                                      else host) or "localhost"
+            environ["SERVER_PORT"] = sent_port
+            return
+        name, port = _split_host(sent_name)
+        host_name, host_port = _split_host(host)
         if not sent_port.isdigit():
             sent_port = ""
         default = "443" if environ["wsgi.url_scheme"] == "https" else "80"
