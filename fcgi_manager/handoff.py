@@ -44,7 +44,7 @@ SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 RECV_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 FLAG_KEPT = 1  # it served a request already (idle kept), not a fresh connection
-FLAG_SNDTIMEO = 2  # SO_SNDTIMEO is already set on it (unix sockets, see worker.Conn)
+FLAG_SNDTIMEO = 2  # its writes are bounded already: SO_SNDTIMEO set, or non-blocking (worker.Conn)
 
 SENT = "sent"
 FULL = "full"  # the queue is full: keep the connection
