@@ -148,7 +148,10 @@ def bind_unix(path: str, backlog: int, mode: str, owner: str, group: str) -> soc
         sock.bind(path)
     except OSError as exc:
         sock.close()
-        raise BindError(f"cannot bind {path}: {exc.strerror}",
+        if len(os.fsencode(path)) > 107:  # sun_path: Python raises without an errno
+            raise BindError(f"listen.bind {path}: the path is too long for a unix socket",
+                            "use a path of at most 107 bytes") from None
+        raise BindError(f"cannot bind {path}: {exc.strerror or exc}",
                         "check the directory's permissions" if exc.errno == errno.EACCES
                         else "") from None
     finally:

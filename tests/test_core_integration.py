@@ -433,3 +433,15 @@ def test_request_bytes_helper_matches_the_product_encoder() -> None:
     assert kinds[0] == "BeginRequest" and "Params" in kinds and kinds[-1] == "StdinEnd"
     got = next(e for e in events if type(e).__name__ == "Params").params
     assert got == params
+
+
+def test_a_unix_socket_path_too_long_is_refused_with_the_reason(
+        make_manager: MakeManager, tmp_path: Path) -> None:
+    """sun_path holds 107 bytes: a longer listen.bind says so (it printed "None")."""
+    long_path = tmp_path / ("s" * 120 + ".sock")
+    m = make_manager(count=1, bind=f"unix:{long_path}")
+    result = m.start(check=False)
+    assert result.returncode == 1, result
+    assert "too long for a unix socket" in result.stderr, result
+    assert "listen.bind" in result.stderr and "None" not in result.stderr, result
+    assert "Traceback" not in result.stderr
