@@ -19,11 +19,12 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import __version__, control, daemon, progress, registry, run_flags, target
 from . import config as config_mod
+from . import control, daemon, progress, registry, run_flags, target
 from . import status as status_mod
 from .errors import AppImportError, ControlError, FcgiManagerError
 from .sockets import parse_address
+from .version import __version__
 
 EXIT_USAGE = 2
 LSB_RUNNING, LSB_DEAD_PIDFILE, LSB_NOT_RUNNING, LSB_UNKNOWN = 0, 1, 3, 4

@@ -28,7 +28,6 @@ import os
 import signal
 import stat
 import struct
-import sys
 import time
 from typing import Iterable, Optional, Tuple
 
@@ -269,10 +268,3 @@ def wait_for_report(fd: int, timeout: float) -> Tuple[Optional[bool], str]:
     if text.startswith("ERR "):
         return False, text[4:]
     return None, text
-
-
-def stderr_is_tty() -> bool:
-    try:
-        return os.isatty(sys.stderr.fileno())
-    except (OSError, ValueError):
-        return False

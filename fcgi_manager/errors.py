@@ -42,3 +42,20 @@ class ProtocolError(Exception):
 
     Raised only by the sans-I/O parser. ``str(exc)`` is one line fit for the log.
     """
+
+
+def format_error(exc: FcgiManagerError, prefix: str = "Error: ") -> str:
+    """The one way an error is written for a person: the app's own traceback (if any),
+    then ``<prefix><message>``, then ``hint: ...`` when there is something to do.
+
+    The CLI prints it; a worker that cannot import the app and the reload's check process
+    send it to the master, which logs it and passes it to whoever asked.
+    """
+    text = ""
+    traceback_text = getattr(exc, "traceback_text", "")
+    if traceback_text:
+        text += traceback_text.rstrip() + "\n"
+    text += f"{prefix}{exc.message}"
+    if exc.hint:
+        text += f"\nhint: {exc.hint}"
+    return text

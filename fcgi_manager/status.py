@@ -12,13 +12,10 @@ import time
 from typing import Any, Dict, List, Optional
 from urllib.parse import parse_qs
 
-from . import __version__
 from .logs import escape, shown_uri
 from .privileges import ROOT_WARNING, workers_user
 from .scoreboard import Scoreboard
-
-TOTAL_KEYS = ("accepted", "active", "max_active", "respawns", "crashes", "timeouts", "slow",
-              "recycled", "shed", "max_children_reached")
+from .version import __version__
 
 
 def snapshot(cfg: Any, board: Scoreboard) -> Dict[str, Any]:

@@ -49,7 +49,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from . import protocol
+from . import notify, protocol
 from .errors import ProtocolError
 from .handoff import CLOSED, FLAG_KEPT, FLAG_SNDTIMEO, SENT, HandoffChannel, Watchdog
 from .nbaccept import nonblocking_acceptor
@@ -313,7 +313,7 @@ class Worker:
 
     def _notify(self, kind: bytes, payload: bytes = b"") -> None:
         try:
-            os.write(self.notify_fd, kind + struct.pack("!I", len(payload)) + payload)
+            os.write(self.notify_fd, notify.encode(kind, payload))
         except OSError:
             pass
 
@@ -373,7 +373,7 @@ class Worker:
             self._start_handoff()
         _freeze_setup()
         self.slot.set_state(WorkerState.IDLE)
-        self._notify(b"R")
+        self._notify(notify.READY)
         try:
             self._loop()
         finally:
