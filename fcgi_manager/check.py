@@ -24,7 +24,7 @@ from typing import Any, List, Tuple
 from . import client, daemon, logs, sockets
 from .appload import load_app, prepare_import
 from .config import Config
-from .errors import AppImportError, FcgiManagerError
+from .errors import AppImportError, FcgiManagerError, format_error
 from .privileges import ROOT_WARNING, apply_environment, resolve_user
 from .scoreboard import Scoreboard, SlotWriter
 from .sockets import Address, parse_address
@@ -68,11 +68,7 @@ def run_check(cfg: Config, path: str = "/") -> int:
     try:
         app = load_app(cfg.app.module)
     except AppImportError as exc:
-        if exc.traceback_text:
-            print(exc.traceback_text.rstrip(), file=sys.stderr)
-        print(f"Error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
+        print(format_error(exc), file=sys.stderr)
         return 1
     _say(f"import   ok (cwd {os.getcwd()}{as_user})")
     return _one_request(cfg, app, user, path)

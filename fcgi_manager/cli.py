@@ -20,9 +20,9 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import config as config_mod
-from . import control, daemon, progress, registry, run_flags, target
+from . import control, daemon, progress, registry, resume, run_flags, target
 from . import status as status_mod
-from .errors import AppImportError, ControlError, FcgiManagerError
+from .errors import ControlError, FcgiManagerError, format_error
 from .sockets import parse_address
 from .version import __version__
 
@@ -123,18 +123,8 @@ HELP: Dict[str, Tuple[str, str, str]] = {
 }
 
 
-def _error(exc: FcgiManagerError) -> str:
-    text = ""
-    if isinstance(exc, AppImportError) and exc.traceback_text:
-        text += exc.traceback_text.rstrip() + "\n"
-    text += f"Error: {exc.message}"
-    if exc.hint:
-        text += f"\nhint: {exc.hint}"
-    return text
-
-
 def _print_error(exc: FcgiManagerError) -> None:
-    print(_error(exc), file=sys.stderr)
+    print(format_error(exc), file=sys.stderr)
 
 
 def _subparser(sub: Any, name: str) -> argparse.ArgumentParser:
@@ -221,8 +211,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "config_after", None):
         args.config = args.config_after
-    resume_config = os.environ.pop("FCGI_MANAGER_RESUME_CONFIG", "")
-    if resume_config and os.environ.get("FCGI_MANAGER_RESUME"):
+    resume_config = resume.take_config_path()
+    if resume_config:
         args.config = resume_config  # a reload re-executed us: same file, absolute path
     _same_directory_as_at_start()
     if not args.command:
@@ -245,7 +235,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _same_directory_as_at_start() -> None:
     """A master re-executed by a reload may sit in ``app.chdir``: read relative paths in
     its flags and environment from the directory it was started in, as the first time."""
-    if os.environ.get("FCGI_MANAGER_RESUME"):
+    if resume.resuming():
         start_dir = os.environ.get("FCGI_MANAGER_RESUME_CWD", "")
         if start_dir:
             try:
@@ -301,10 +291,9 @@ def serve(cfg: config_mod.Config, app: Any = None, background: bool = False,
           report_fd: int = -1) -> int:
     """Run a master in this process until it stops (foreground, or as the daemon)."""
     from . import logs
-    from .master import RESUME_ENV, Master
+    from .master import Master
 
-    resuming = bool(os.environ.get(RESUME_ENV))
-    if not resuming:
+    if not resume.resuming():
         running = _check_not_running(cfg)
         if running:
             raise FcgiManagerError(f"already running (pid {running}, pidfile "
@@ -332,7 +321,7 @@ def serve(cfg: config_mod.Config, app: Any = None, background: bool = False,
         master.prepare()
     except FcgiManagerError as exc:
         if report_fd >= 0:
-            daemon.report(report_fd, False, _error(exc))
+            daemon.report(report_fd, False, format_error(exc))
         master.abandon()
         raise
 
@@ -435,7 +424,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.foreground:
         return serve(cfg)
-    if os.environ.get("FCGI_MANAGER_RESUME"):
+    if resume.resuming():
         return serve(cfg, background=True)  # a reload re-executed the daemonized master
     running = _check_not_running(cfg)
     if running:

@@ -69,6 +69,40 @@ def read_message(sock: socket.socket, limit: int = MAX_MESSAGE) -> bytes:
     return _read_exact(sock, length)
 
 
+class MessageReader:
+    """Sans-I/O framing for a peer that sends in pieces: :meth:`feed` whatever arrived,
+    get the body once it is whole. The master reads control connections this way, in its
+    own selector, so a client that sends a byte a second holds nothing but its buffer."""
+
+    __slots__ = ("limit", "buf", "length")
+
+    def __init__(self, limit: int = MAX_MESSAGE) -> None:
+        self.limit = limit
+        self.buf = b""
+        self.length = -1  # body length, once the 4-byte head is in
+
+    def feed(self, data: bytes) -> Optional[bytes]:
+        """The body once complete (bytes after it are ignored), else None; ProtocolError
+        on a length over the limit, or when ``data`` is b"" (EOF) before the end."""
+        if not data:
+            raise ProtocolError("control message truncated")
+        self.buf += data
+        if self.length < 0 and len(self.buf) >= LENGTH.size:
+            (self.length,) = LENGTH.unpack_from(self.buf)
+            if self.length > self.limit:
+                raise ProtocolError(f"control message of {self.length} bytes is over the "
+                                    f"{self.limit} limit")
+        if 0 <= self.length <= len(self.buf) - LENGTH.size:
+            return self.buf[LENGTH.size:LENGTH.size + self.length]
+        return None
+
+    def wants(self) -> int:
+        """How many more bytes the message needs (at least 1 while incomplete)."""
+        if self.length < 0:
+            return LENGTH.size - len(self.buf)
+        return max(1, LENGTH.size + self.length - len(self.buf))
+
+
 def _read_exact(sock: socket.socket, n: int) -> bytes:
     chunks = []
     while n:

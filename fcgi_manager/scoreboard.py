@@ -73,7 +73,7 @@ REQ_OFF = 16
 IDLE = struct.Struct("=B 7x Q d")  # state, requests, busy_since=0
 SAMPLE = struct.Struct("=Q f f")  # rss bytes, cpu percent, spare
 SAMPLE_OFF = REQ_OFF + REQ.size
-COUNTERS = struct.Struct("=Q I I")  # shed, slow-dumped request number, spare
+COUNTERS = struct.Struct("=Q I I")  # shed, slow-dumped request number, stop requested
 COUNTERS_OFF = SAMPLE_OFF + SAMPLE.size
 THREADS = struct.Struct("=I I")  # first thread entry, number of entries (0 = one thread)
 THREADS_OFF = COUNTERS_OFF + COUNTERS.size
@@ -213,6 +213,13 @@ class Scoreboard:
         off = HEADER_SIZE + slot * SLOT_SIZE + COUNTERS_OFF + 8
         struct.pack_into("=I", self.mem, off, request_no & 0xFFFFFFFF)
 
+    def mark_stopping(self, slot: int) -> None:
+        """The master asked this worker to stop: status shows it ``stopping`` from now on,
+        whatever the worker writes while it finishes its request (a flag of the master's
+        own, so the worker's idle/busy writes never undo it)."""
+        off = HEADER_SIZE + slot * SLOT_SIZE + COUNTERS_OFF + 12
+        struct.pack_into("=I", self.mem, off, 1)
+
     def read_slot(self, slot: int) -> Dict[str, object]:
         off = HEADER_SIZE + slot * SLOT_SIZE
         mem = self.mem
@@ -227,7 +234,7 @@ class Scoreboard:
         else:
             busy_since = time.monotonic()  # the writer is paused mid-write: it just began
         rss, cpu, _ = SAMPLE.unpack_from(mem, off + SAMPLE_OFF)
-        shed, slow_dumped, _ = COUNTERS.unpack_from(mem, off + COUNTERS_OFF)
+        shed, slow_dumped, stop_requested = COUNTERS.unpack_from(mem, off + COUNTERS_OFF)
         first, threads = THREADS.unpack_from(mem, off + THREADS_OFF)
         if threads:
             # A threaded worker: its slot holds the state, its entries the requests.
@@ -264,6 +271,7 @@ class Scoreboard:
             "in_flight": [(since, m.rstrip(b"\0").decode("latin-1", "replace"),
                            u.rstrip(b"\0").decode("utf-8", "replace"))
                           for since, m, u in flights],
+            "stopping": bool(stop_requested),
         }
 
     def used_slots(self) -> Iterator[int]:

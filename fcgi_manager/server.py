@@ -15,10 +15,11 @@ to load new code, restart, or use ``fcgi-manager`` with a config file.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional, Tuple, Union
+import sys
+from typing import Any, Callable, Tuple, Union
 
 from . import config as config_mod
-from .errors import FcgiManagerError
+from .errors import FcgiManagerError, format_error
 from .sockets import fd0_is_listening_socket
 
 FLUP_NAMES = {
@@ -86,13 +87,13 @@ class WSGIServer:
         reason and raises ``SystemExit(1)``: the Flask guide's ``.fcgi`` files ignore what
         ``run()`` returns, and their process must still exit non-zero.
         """
-        from .cli import _print_error, serve
+        from .cli import serve
 
         try:
             cfg = self._config()
             code = serve(cfg, app=self.application)
         except FcgiManagerError as exc:
-            _print_error(exc)
+            print(format_error(exc), file=sys.stderr)
             code = 1
         except KeyboardInterrupt:
             return 0
@@ -101,9 +102,5 @@ class WSGIServer:
         return 0
 
 
-def run_wsgi(application: Callable, bind: Optional[str] = None, **options: Any) -> int:
-    """Shorthand for scripts: ``run_wsgi(app, "127.0.0.1:9000", count=2)``."""
-    return WSGIServer(application, bind, **options).run()
 
-
-__all__ = ["WSGIServer", "run_wsgi"]
+__all__ = ["WSGIServer"]

@@ -47,6 +47,8 @@ def snapshot(cfg: Any, board: Scoreboard) -> Dict[str, Any]:
                      for since, m, u in slot["in_flight"]]  # type: ignore[attr-defined]
         busy_threads += len(in_flight)
         threads += int(slot["threads"])  # type: ignore[call-overload]
+        if slot["stopping"]:
+            state = "stopping"  # asked to stop; ``current`` shows the request it finishes
         started = float(slot["started_at"])  # type: ignore[arg-type]
         workers.append({
             "id": int(slot["slot"]) + 1,  # type: ignore[call-overload]
