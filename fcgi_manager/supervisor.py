@@ -343,6 +343,7 @@ class Supervisor:
         self.exited = False
         self.sizer = PoolSizer(workers_cfg)
         self.slots: Mapping[int, SlotView] = {}
+        self.warned_fresh_over_limit = False
         self._out: List[Any] = []
 
     # -- resuming after a re-exec ----------------------------------------------------------
@@ -721,13 +722,24 @@ class Supervisor:
         if not limit or self.phase is Phase.STOPPING:
             return
         for w in self.current():
-            if w.state is WorkerState.IDLE and w.rss > limit:
-                # The worker checks itself after a request; one that grew and then went
-                # quiet would otherwise stay over the limit for as long as no request comes.
-                self._log(logging.INFO, f"{w.name()} is idle at {w.rss >> 20} MiB, over "
-                                        f"workers.max_memory ({limit >> 20} MiB): recycling it")
-                self._stop_worker(w, "max_memory", signal.SIGTERM, self.cfg.graceful_timeout,
-                                  ev.now)
+            if w.state is not WorkerState.IDLE or w.rss <= limit:
+                continue
+            s = self.slots.get(w.pid)
+            if s is None or not s.requests:
+                # Over the limit before serving anything: recycling would only loop.
+                if not self.warned_fresh_over_limit:
+                    self.warned_fresh_over_limit = True
+                    self._log(logging.WARNING, f"a fresh worker uses {w.rss >> 20} MiB, over "
+                                               f"workers.max_memory ({limit >> 20} MiB): each "
+                                               "worker is recycled after its first request; "
+                                               "raise max_memory")
+                continue
+            # The worker checks itself after a request; one that grew and then went quiet
+            # would otherwise stay over the limit for as long as no request comes.
+            self._log(logging.INFO, f"{w.name()} is idle at {w.rss >> 20} MiB, over "
+                                    f"workers.max_memory ({limit >> 20} MiB): recycling it")
+            self._stop_worker(w, "max_memory", signal.SIGTERM, self.cfg.graceful_timeout,
+                              ev.now)
         self._spawn_missing(ev.now)
 
     # -- pool sizing ---------------------------------------------------------------------
