@@ -206,7 +206,8 @@ class Master:
         adopted = []
         for r in state.workers:
             w = sv.Worker(r.slot, r.pid, r.generation, r.started,
-                          WorkerState.STOPPING if r.stop_reason else WorkerState.IDLE)
+                          WorkerState.STOPPING if r.stop_reason else
+                          WorkerState.IDLE if r.ready else WorkerState.STARTING)
             w.stop_reason, w.kill_at = r.stop_reason, r.kill_at
             adopted.append(w)
             self._watch(WorkerIO(r.pid, r.slot, r.out_fd, r.notify_fd))
@@ -679,7 +680,7 @@ class Master:
         assert self.listener is not None and self.control is not None
         assert self.sup.reload is not None and self.board.fd is not None
         workers = [ResumedWorker(w.slot, w.pid, w.generation, w.started, self.io[pid].out_fd,
-                                 self.io[pid].notify_fd, w.stop_reason, w.kill_at)
+                                 self.io[pid].notify_fd, w.stop_reason, w.kill_at, w.ready)
                    for pid, w in self.sup.workers.items() if pid in self.io]
         state = ResumeState(
             listener_fd=self.listener.fileno(), sock_inode=self.sock_inode,

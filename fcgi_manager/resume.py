@@ -34,6 +34,7 @@ class ResumedWorker:
     notify_fd: int
     stop_reason: Optional[str] = None
     kill_at: float = 0.0
+    ready: bool = True
 
 
 @dataclass
