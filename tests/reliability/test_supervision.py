@@ -48,10 +48,11 @@ KEPT = []
 
 def _grow(mib, delay, marker):
     time.sleep(delay)
-    for _ in range(mib):
-        KEPT.append(bytearray(b"x" * (1 << 20)))
-    with open(marker, "w") as f:
+    with open(marker, "w") as f:  # growing from now on
         f.write(str(os.getpid()))
+    for _ in range(mib):
+        KEPT.append(bytearray(1 << 20))
+        KEPT[-1][::4096] = b"x" * 256  # touch every page: resident, not just reserved
 
 
 def app(environ, start_response):
@@ -226,7 +227,7 @@ def test_idle_worker_over_max_memory_is_recycled(make_manager: Any, tmp_path: Pa
     reply = fcgi_request(manager.bind,
                          f"/grow-later?mib=120&delay=1.5&marker={marker}")
     assert reply.status_code == 200
-    wait_for(marker.exists, 20, "the worker to grow")
+    wait_for(marker.exists, 20, "the worker to start growing")
     grown_at = time.monotonic()
     data = wait_for(lambda: (lambda d: first not in worker_pids(d) and d)(status(manager)),
                     10, "the grown worker recycled")
@@ -234,7 +235,7 @@ def test_idle_worker_over_max_memory_is_recycled(make_manager: Any, tmp_path: Pa
     data = wait_pool(manager, 1)
     log = manager.log_text()
     text = "; ".join([
-        figure("max_memory: idle worker recycled after", recycled_in, "s"),
+        figure("max_memory: idle worker recycled after it began to grow", recycled_in, "s"),
         figure("max_memory: totals", data["totals"]),
     ])
     assert recycled_in < 5.0, text
