@@ -17,6 +17,10 @@ Every input goes to:
 * ``read_message`` over a fake socket, whole and in a random chunking (``recv`` returns
   at most one chunk), with the master's limit and with a tiny one: both chunkings must
   agree, and a success must be exactly the framed body;
+* ``MessageReader`` (how the master reads a control connection without blocking), fed
+  the same bytes as a slow client delivers them -- one byte at a time, or in random
+  pieces, with EOF after the last -- must agree with ``read_message`` exactly, and must
+  say it needs more bytes (``wants() > 0``) for as long as it has no body;
 * ``decode_request`` on that body and on the raw input: a success must name a known
   command, with a dict of args and an id that is None, an int or a str, and must survive
   ``encode_message`` -> ``read_message`` -> ``decode_request`` unchanged.
@@ -225,6 +229,30 @@ def _read(chunks: List[bytes], limit: int) -> Optional[bytes]:
     return body
 
 
+def _read_incremental(chunks: List[bytes], limit: int) -> Optional[bytes]:
+    """``MessageReader`` fed ``chunks`` one by one, then EOF: the body, or None."""
+    reader = control.MessageReader(limit)
+    try:
+        for chunk in chunks:
+            body = reader.feed(chunk)
+            if body is not None:
+                return body
+            if reader.wants() <= 0:
+                raise CheckFailed("MessageReader wants no more bytes but has no body")
+        reader.feed(b"")  # EOF before the end: always a ProtocolError
+    except ProtocolError:
+        return None
+    raise CheckFailed("MessageReader accepted EOF in the middle of a message")
+
+
+def slow_delivery(data: bytes, rng: random.Random) -> List[bytes]:
+    """How a slow or unlucky client delivers ``data``: a byte at a time, or in pieces
+    (never empty: an empty read is EOF)."""
+    if len(data) <= 256 and rng.random() < 0.3:
+        return [data[i : i + 1] for i in range(len(data))]
+    return [c for c in chunking(data, rng) if c]
+
+
 def check_framing(data: bytes, rng: random.Random) -> Optional[bytes]:
     """The framed body of ``data`` (None if read_message refused it), checked."""
     for limit in (control.MAX_MESSAGE, 16):
@@ -232,6 +260,8 @@ def check_framing(data: bytes, rng: random.Random) -> Optional[bytes]:
         chunked = _read(chunking(data, rng), limit)
         if whole != chunked:
             raise CheckFailed(f"chunking changed read_message's outcome (limit {limit})")
+        if _read_incremental(slow_delivery(data, rng), limit) != whole:
+            raise CheckFailed(f"MessageReader disagrees with read_message (limit {limit})")
         expected: Optional[bytes] = None
         if len(data) >= 4:
             (length,) = LENGTH.unpack_from(data)

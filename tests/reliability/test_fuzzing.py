@@ -2,7 +2,10 @@
 
 * Property tests: arbitrary bytes (and arbitrary JSON) into ``control.decode_request`` and
   ``control.read_message`` raise nothing but ProtocolError.
-* ``tests/fuzz/fuzz_control.py`` runs for a few seconds in-process: no crash.
+* ``control.MessageReader`` (the master's non-blocking framing) fed any bytes in any
+  pieces agrees with ``read_message``.
+* ``tests/fuzz/fuzz_control.py`` runs for a few seconds in-process: no crash; it also
+  catches a framing bug that shows only under slow, partial delivery.
 * 300 random or mutated FastCGI byte strings, each on its own connection, against a running
   pool while a well-behaved client loops: that client sees every request succeed and no
   worker crashes.
@@ -108,6 +111,25 @@ def test_read_message_raises_only_protocol_error(data: bytes, cuts: List[int],
     assert length <= limit and body == data[4:4 + length]
 
 
+@PROPS
+@given(st.binary(max_size=200), st.lists(st.integers(1, 64), max_size=8),
+       st.sampled_from([16, 64, control.MAX_MESSAGE]))
+@example(b"\x00\x00\x00\x02{}", [1, 1, 1, 1, 1], control.MAX_MESSAGE)
+def test_message_reader_agrees_with_read_message(data: bytes, cuts: List[int],
+                                                limit: int) -> None:
+    chunks, pos = [], 0
+    for size in cuts:
+        chunks.append(data[pos:pos + size])
+        pos += size
+    chunks.append(data[pos:])
+    chunks = [c for c in chunks if c]  # an empty read is EOF
+    try:
+        expected = control.read_message(fuzz_control.FakeSocket([data]), limit)  # type: ignore
+    except ProtocolError:
+        expected = None
+    assert fuzz_control._read_incremental(chunks, limit) == expected
+
+
 def test_read_message_over_a_real_socket_with_a_huge_length() -> None:
     a, b = socket.socketpair()
     with a, b:
@@ -140,6 +162,22 @@ def test_fuzz_control_counts_a_planted_crash(tmp_path: Path, monkeypatch: Any) -
                                log=lambda line: None)
     assert result.crashes > 0
     assert result.crash_files and all(p.exists() for p in result.crash_files)
+
+
+def test_fuzz_control_catches_a_framing_bug_under_slow_delivery(tmp_path: Path,
+                                                                monkeypatch: Any) -> None:
+    """A reader that decodes the length only when the 4-byte head arrives in one piece
+    works for whole messages and fails for a client that sends a byte at a time."""
+    class Planted(control.MessageReader):
+        def feed(self, data: bytes) -> Any:
+            if self.length < 0 and 0 < len(data) < control.LENGTH.size and not self.buf:
+                self.buf = b"\0" * (control.LENGTH.size - len(data))  # the bug
+            return super().feed(data)
+
+    monkeypatch.setattr(fuzz_control.control, "MessageReader", Planted)
+    result = fuzz_control.fuzz(60.0, seed=2, crash_dir=tmp_path, max_inputs=500,
+                               log=lambda line: None)
+    assert result.crashes > 0
 
 
 # -- live ----------------------------------------------------------------------------------
