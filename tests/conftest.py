@@ -15,6 +15,11 @@ if TESTS not in sys.path:
 
 from support import Manager, Nginx  # noqa: E402
 
+# Every master the suite starts inherits this: an illegal worker-state or phase change in
+# the supervisor raises (a bug) instead of being logged, so each test that drives a master
+# also checks the transition tables.
+os.environ["FCGI_MANAGER_STRICT"] = "1"
+
 
 @pytest.fixture(scope="session", autouse=True)
 def private_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
