@@ -109,6 +109,7 @@ class WorkerSetup:
     board: Scoreboard
     death_r: int
     user: Any  # privileges.User
+    master_pid: int
 
 
 def fork_worker(setup: WorkerSetup, slot: int, max_requests: int,
@@ -136,7 +137,11 @@ def fork_worker(setup: WorkerSetup, slot: int, max_requests: int,
 
 def _worker_main(setup: WorkerSetup, slot: int, out_w: int, note_w: int, max_requests: int,
                  master: MasterFds) -> int:  # pragma: no cover - runs in the child
-    """In the forked worker: clean up what belongs to the master, then serve."""
+    """In the forked worker: clean up what belongs to the master, then serve.
+
+    "Did the master die between fork and here?" compares the parent with the master's
+    own pid, not with 1: in a container without an init the master *is* pid 1.
+    """
     leave_master(master)
     os.dup2(out_w, 1)
     os.dup2(out_w, 2)
@@ -149,7 +154,7 @@ def _worker_main(setup: WorkerSetup, slot: int, out_w: int, note_w: int, max_req
     sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", errors="replace")
     logs.setup_worker(setup.cfg.manager.log_level)
     set_pdeathsig(signal.SIGTERM)
-    if os.getppid() == 1:
+    if os.getppid() != setup.master_pid:
         return 0  # the master died between fork and here
     setup.user.drop()
     app = setup.app

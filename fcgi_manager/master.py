@@ -31,7 +31,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Set
 
 import psutil
 
@@ -121,6 +121,7 @@ class Master:
         self.wakeup_r = self.wakeup_w = -1
         self.io: Dict[int, WorkerIO] = {}
         self.validation: Optional[Validation] = None
+        self.cancelled_checks: Set[int] = set()
         self.signals: List[int] = []
         self.started_at = time.time()
         self.resumed: Optional[ResumeState] = None
@@ -449,7 +450,8 @@ class Master:
         if self.cfg.workers.threads > 1:
             self.board.reserve_threads(slot, self.cfg.workers.threads)
         setup = WorkerSetup(cfg=self.cfg, app=self.app, listener=self.listener,
-                            board=self.board, death_r=self.death_r, user=self.user)
+                            board=self.board, death_r=self.death_r, user=self.user,
+                            master_pid=os.getpid())
         try:
             pid, out_fd, notify_fd = fork_worker(setup, slot, self._max_requests(),
                                                  self._child_fds())
@@ -540,6 +542,9 @@ class Master:
             if self.validation is not None and pid == self.validation.pid:
                 self.validation.status = status
                 self._validation_done()
+                continue
+            if pid in self.cancelled_checks:
+                self.cancelled_checks.discard(pid)
                 continue
             io = self.io.pop(pid, None)
             requests = shed = 0
@@ -669,9 +674,10 @@ class Master:
         if v is None:
             return
         try:
-            os.kill(v.pid, signal.SIGKILL)  # reaped later, as a pid nobody knows
+            os.kill(v.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        self.cancelled_checks.add(v.pid)  # reaped later, without a word
         self._unwatch_fd(v.fd)
 
     def _reexec(self) -> Any:

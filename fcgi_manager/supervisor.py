@@ -527,7 +527,11 @@ class Supervisor:
     def _on_WorkerExited(self, ev: WorkerExited) -> None:
         w = self.workers.pop(ev.pid, None)
         if w is None:
-            return  # not a worker of ours (an orphan reaped as PID 1, the reload's check)
+            # As pid 1 of a container (or a subreaper) the kernel hands the master every
+            # orphan, such as the grandchild of an app that double-forks: reaped, no more.
+            self._log(logging.INFO, f"reaped pid {ev.pid}, not a worker (a process the app "
+                                    f"left behind) that {describe_exit(ev.status)}")
+            return
         self.totals["accepted_dead"] += ev.requests
         self.totals["shed_dead"] += ev.shed
         how = describe_exit(ev.status)

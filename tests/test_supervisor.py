@@ -204,12 +204,15 @@ def test_boot_error_after_start_retries_with_backoff() -> None:
     assert sim.sup.phase is sv.Phase.RUNNING
 
 
-def test_an_unknown_pid_is_ignored() -> None:
-    """Reaping is the shell's; a pid that was no worker (an orphan reaped as PID 1, the
-    reload's check process) changes nothing."""
+def test_an_unknown_pid_is_only_logged() -> None:
+    """Reaping is the shell's; a pid that was no worker (an orphan reaped as PID 1)
+    changes nothing."""
     sim = Sim(count=1)
     sim.running()
-    assert sim.exit(424242, exited(0)) == []
+    out = sim.exit(424242, exited(0))
+    assert [type(a) for a in out] == [sv.Log]
+    assert logged(out, "reaped pid 424242, not a worker (a process the app left behind) "
+                       "that exited with code 0")
 
 
 # -- stop ----------------------------------------------------------------------------------
