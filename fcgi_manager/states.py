@@ -11,8 +11,10 @@ The master sees a worker's life as::
 ``busy``: running a request (timed against ``workers.timeout`` and ``slow_request``).
 ``stopping``: asked to stop (stop, reload, recycle, scale down); finishing its request.
 
-Workers write their own ``idle``/``busy`` to the scoreboard; the master alone moves a
-worker to ``stopping`` and logs each of its own transitions as ``old -> new (reason)``.
+Workers write their own ``idle``/``busy`` to the scoreboard, and the supervisor follows
+them at each tick; the supervisor alone moves a worker to ``stopping`` (and the master
+marks its slot, so status shows it), through one method that checks ``ALLOWED`` and logs
+``old -> new (reason)``.
 """
 
 from __future__ import annotations
