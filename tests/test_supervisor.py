@@ -18,6 +18,8 @@ from fcgi_manager.config import WorkersConfig
 from fcgi_manager.states import WorkerState
 from fcgi_manager.worker import EXIT_BOOT_ERROR, EXIT_RECYCLE_MEMORY, STACK_SIGNAL
 
+STOPPING = {"stopping": True, "pid": 1, "drain_s": 0.0}  # the reply to ``stop``
+
 
 def exited(code: int) -> int:
     """A wait status: exited with ``code``."""
@@ -226,7 +228,7 @@ def test_graceful_stop_waits_then_kills_the_straggler() -> None:
     assert of(sv.CloseListener, out) == [sv.CloseListener()]
     assert signals(out, signal.SIGTERM) == [first, second]
     assert sorted(a.slot for a in of(sv.MarkStopping, out)) == [0, 1]
-    assert of(sv.Reply, out) == [sv.Reply("cli", True, {"stopping": True, "pid": 1})]
+    assert of(sv.Reply, out) == [sv.Reply("cli", True, STOPPING)]
     assert all(w.state is WorkerState.STOPPING for w in sim.sup.workers.values())
     assert not of(sv.Spawn, sim.exit(first, exited(0)))
     assert not signals(sim.tick(after=9.0), signal.SIGKILL)
@@ -243,7 +245,38 @@ def test_stop_now_after_a_graceful_stop_escalates() -> None:
     out = sim.command("stop", now=True)
     assert signals(out, signal.SIGINT) == [pid]
     assert signals(sim.tick(), signal.SIGKILL) == [pid]  # no grace left
-    assert sim.command("stop")[-1] == sv.Reply("cli", True, {"stopping": True, "pid": 1})
+    assert sim.command("stop")[-1] == sv.Reply("cli", True, STOPPING)
+
+
+def test_shutdown_delay_drains_then_stops_gracefully() -> None:
+    sim = Sim(count=1)
+    sim.sup.shutdown_delay = 5.0
+    (pid,) = sim.running()
+    out = sim.command("stop")
+    assert sv.SetDraining() in out and sv.NotifySystemd("STOPPING=1") in out
+    assert of(sv.Reply, out)[0].result["drain_s"] == 5.0
+    assert not of(sv.Signal, out) and not of(sv.CloseListener, out)
+    assert sim.sup.phase is sv.Phase.DRAINING
+    assert logged(sim.command("stop"), "already draining: the graceful stop begins in 5.0 s")
+    (reply,) = of(sv.Reply, sim.command("reload"))
+    assert not reply.ok and "stopping" in reply.error
+    # Still a pool while draining: a dead worker is replaced.
+    assert len(of(sv.Spawn, sim.exit(pid, killed(signal.SIGKILL), requests=3))) == 1
+    sim.ready()
+    assert not of(sv.Signal, sim.tick(after=4.0))
+    out = sim.tick(after=1.5)
+    assert logged(out, "shutdown_delay is over: stopping gracefully")
+    assert signals(out, signal.SIGTERM) == sim.pids() and sv.CloseListener() in out
+    assert sim.sup.phase is sv.Phase.STOPPING
+
+
+def test_stop_now_cuts_the_drain_short() -> None:
+    sim = Sim(count=1)
+    sim.sup.shutdown_delay = 60.0
+    (pid,) = sim.running()
+    sim.command("stop")
+    out = sim.command("stop", now=True)
+    assert signals(out, signal.SIGINT) == [pid] and sim.sup.phase is sv.Phase.STOPPING
 
 
 # -- timeouts ------------------------------------------------------------------------------
