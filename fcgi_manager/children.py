@@ -2,18 +2,21 @@
 
 Both start the same way (:func:`leave_master`): signal handlers back to their defaults,
 the master's wakeup pipe detached, and every descriptor that belongs to the master
-closed -- its selector, the control socket and connections, the other workers' pipes.
+closed -- its selector, the control socket and connections, the other workers' pipes,
+the pidfile, the log file.
 
 A worker then points stdout/stderr at its output pipe (the master logs it line by line),
-imports the app unless it was preloaded, and says ready or sends its boot error on its
-notify pipe (format in ``notify``). The check process loads the new config, imports the
-new code as the app's user, and writes the error text to its pipe if either fails; an
+drops privileges for good, imports the app unless it was preloaded, and says ready or
+sends its boot error on its notify pipe (format in ``notify``). With ``preload`` as root
+and ``manager.user``, workers are forked by the zygote (``zygote.py``, started by
+:func:`start_zygote`), which imported the app after dropping privileges. The check
+process closes every descriptor but its pipe, loads the new config, drops privileges for
+good, imports the new code, and writes the error text to its pipe if anything fails; an
 empty pipe and exit status 0 mean the reload may go ahead.
 """
 
 from __future__ import annotations
 
-import ctypes  # here, in the master: imported after fork it costs each worker ~0.6 MiB
 import os
 import selectors
 import signal
@@ -22,7 +25,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
-from . import logs, notify
+from . import fdutil, logs, notify, procctl, sockets
 from . import status as status_mod
 from .appload import load_app, prepare_import
 from .config import Config
@@ -31,6 +34,7 @@ from .privileges import apply_environment, resolve_user
 from .scoreboard import Scoreboard, SlotWriter
 from .threaded import build_worker
 from .worker import EXIT_BOOT_ERROR
+from .zygote import Zygote
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGHUP,
                    signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
@@ -43,6 +47,7 @@ class MasterFds:
 
     selector: selectors.BaseSelector
     fds: List[int] = field(default_factory=list)
+    log_handler: Any = None  # the master's log file: the app must not be able to write it
 
 
 def close_quietly(fd: Optional[int]) -> None:
@@ -62,18 +67,8 @@ def leave_master(master: MasterFds) -> None:
     master.selector.close()
     for fd in master.fds:
         close_quietly(fd)
-
-
-def set_pdeathsig(sig: int) -> None:
-    """Linux extra: the kernel signals us when the master dies (the pipe is the real
-    guarantee; this only makes an idle worker notice at once)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    if master.log_handler is not None:
+        master.log_handler.close()
 
 
 def _run_child(body: Callable[[], int]) -> None:  # pragma: no cover - runs in the child
@@ -110,6 +105,7 @@ class WorkerSetup:
     death_r: int
     user: Any  # privileges.User
     master_pid: int
+    client_filter: Any = None  # sockets.ClientFilter, parsed once by the master
 
 
 def fork_worker(setup: WorkerSetup, slot: int, max_requests: int,
@@ -136,13 +132,14 @@ def fork_worker(setup: WorkerSetup, slot: int, max_requests: int,
 
 
 def _worker_main(setup: WorkerSetup, slot: int, out_w: int, note_w: int, max_requests: int,
-                 master: MasterFds) -> int:  # pragma: no cover - runs in the child
+                 master: Optional[MasterFds]) -> int:  # pragma: no cover - in the child
     """In the forked worker: clean up what belongs to the master, then serve.
 
     "Did the master die between fork and here?" compares the parent with the master's
     own pid, not with 1: in a container without an init the master *is* pid 1.
     """
-    leave_master(master)
+    if master is not None:  # (a zygote-forked worker left the master in the zygote)
+        leave_master(master)
     os.dup2(out_w, 1)
     os.dup2(out_w, 2)
     os.close(out_w)
@@ -153,10 +150,11 @@ def _worker_main(setup: WorkerSetup, slot: int, out_w: int, note_w: int, max_req
     sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", errors="replace")
     sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", errors="replace")
     logs.setup_worker(setup.cfg.manager.log_level)
-    set_pdeathsig(signal.SIGTERM)
+    setup.user.drop()
+    # After the uid change: the kernel clears the parent-death signal on it.
+    procctl.set_pdeathsig(signal.SIGTERM)
     if os.getppid() != setup.master_pid:
         return 0  # the master died between fork and here
-    setup.user.drop()
     app = setup.app
     if app is None:
         try:
@@ -173,8 +171,30 @@ def _worker_main(setup: WorkerSetup, slot: int, out_w: int, note_w: int, max_req
     worker = build_worker(board, slot, app=app, config=cfg, listener=setup.listener,
                           slot=SlotWriter(board, slot), worker_id=slot + 1,
                           master_fd=setup.death_r, notify_fd=note_w, max_requests=max_requests,
-                          status_page=status_page)
+                          status_page=status_page, client_filter=setup.client_filter)
     return worker.run()
+
+
+def start_zygote(setup: WorkerSetup, master: MasterFds, timeout: float) -> Zygote:
+    """Import the app in a child that dropped privileges for good and forks the workers
+    (zygote.py): no app code ever runs in the root master. Blocks until the import is
+    done (at start; later only when a zygote died). AppImportError if it fails."""
+    if not procctl.set_child_subreaper() and os.getpid() != 1:
+        raise FcgiManagerError("preload with manager.user needs PR_SET_CHILD_SUBREAPER "
+                               "(Linux) to import the app without root",
+                               "set app.preload = false")
+
+    def prepare_child() -> None:
+        leave_master(master)
+        setup.user.drop()
+
+    def load() -> None:
+        setup.app = load_app(setup.cfg.app.module)  # in the zygote, for the workers it forks
+
+    def spawn(slot: int, out_w: int, note_w: int, max_requests: int) -> None:
+        _run_child(lambda: _worker_main(setup, slot, out_w, note_w, max_requests, None))
+
+    return Zygote.start(prepare_child, load, spawn, setup.death_r, timeout)
 
 
 # -- the reload's check -------------------------------------------------------------------
@@ -197,13 +217,18 @@ def _validate(load_config: Callable[[], Config], base_modules: frozenset, w: int
               master: MasterFds) -> int:  # pragma: no cover - runs in the child
     try:
         leave_master(master)
+        # The import may leave processes behind: they get none of the master's
+        # descriptors (death pipe, listener, control socket, scoreboard).
+        fdutil.close_all_but([w])
         cfg = load_config()
+        user = resolve_user(cfg.manager.user, cfg.manager.group)
+        sockets.ClientFilter.from_config(cfg.listen.allowed_clients)
         apply_environment(cfg.app)
         prepare_import(cfg.app.path, cfg.app.chdir)
         for name in [m for m in sys.modules if m not in base_modules]:
             del sys.modules[name]
-        with resolve_user(cfg.manager.user, cfg.manager.group).effective():
-            load_app(cfg.app.module)
+        user.drop()  # for good: no app code with uid 0
+        load_app(cfg.app.module)
         return 0
     except FcgiManagerError as exc:
         text = format_error(exc, prefix="")

@@ -293,7 +293,8 @@ def serve(cfg: config_mod.Config, app: Any = None, background: bool = False,
     from . import logs
     from .master import Master
 
-    if not resume.resuming():
+    resuming = resume.resuming()
+    if not resuming:
         running = _check_not_running(cfg)
         if running:
             raise FcgiManagerError(f"already running (pid {running}, pidfile "
@@ -311,7 +312,7 @@ def serve(cfg: config_mod.Config, app: Any = None, background: bool = False,
         master = Master(cfg, app, handler)
     except FcgiManagerError as exc:
         if report_fd >= 0:
-            daemon.report(report_fd, False, _error(exc))
+            daemon.report(report_fd, False, format_error(exc))
         raise
     master.pidfile_fd = daemon.take_carried_pidfile_fd()
     if report_fd >= 0:

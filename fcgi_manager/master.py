@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Set
 
 import psutil
 
-from . import control, logs, notify, sockets
+from . import control, daemon, fdutil, logs, notify, sockets
 from . import status as status_mod
 from . import supervisor as sv
 from .appload import load_app, prepare_import
@@ -46,6 +46,7 @@ from .children import (
     close_quietly,
     fork_validation,
     fork_worker,
+    start_zygote,
 )
 from .config import Config
 from .control_server import ControlConnection, ControlServer
@@ -56,6 +57,7 @@ from .resume import ResumedWorker, ResumeState, take_state
 from .scoreboard import MAX_SLOTS, Scoreboard
 from .states import WorkerState
 from .version import __version__
+from .zygote import Zygote, new_zygote_wanted
 
 log = logging.getLogger("fcgi_manager.master")
 
@@ -128,6 +130,11 @@ class Master:
         self.base_modules: frozenset = frozenset(sys.modules)
         self.child_close_fds: List[int] = []  # e.g. the start handshake pipe
         self.ready_callback: Optional[Callable[[bool, str], None]] = None
+        self.pidfile_fd = -1  # locked by this process while it runs (see daemon.py)
+        self.client_filter: Optional[sockets.ClientFilter] = None
+        self.zygote: Optional[Zygote] = None  # preload as root with manager.user
+        self.old_zygote = 0  # the previous image's, reaped without a word
+        self.exec_env: Dict[str, str] = dict(os.environ)
         self.running = False
         self.next_tick = self.next_sample = 0.0
 
@@ -164,13 +171,15 @@ class Master:
                                                     cfg.listen.group)
             self.sock_inode = sockets.socket_file_inode(self.address)
         os.umask(cfg.manager.umask)
+        # Before app.clear_env empties the environment: the filter never depends on it.
+        self.client_filter = sockets.ClientFilter.from_config(cfg.listen.allowed_clients)
+        self.exec_env = dict(os.environ)  # the master's own, for the reload's exec
         apply_environment(cfg.app)
         if not self.app_given:
             prepare_import(cfg.app.path, cfg.app.chdir)
         self.base_modules = frozenset(sys.modules)
-        if cfg.app.preload and not self.app_given:
-            with self.user.effective():
-                self.app = load_app(cfg.app.module)
+        if cfg.app.preload and not self.app_given and not self._zygote_wanted():
+            self.app = load_app(cfg.app.module)  # not root, or no manager.user
             gc.collect()
             if hasattr(gc, "freeze"):
                 gc.freeze()  # keep the imported app's pages shared with the workers
@@ -185,18 +194,29 @@ class Master:
                                      time.monotonic)
         if self.resumed is not None:
             self._adopt_workers(self.resumed)
-        os.set_inheritable(self.death_r, True)
-        os.set_inheritable(self.death_w, True)
-        assert self.listener is not None
-        self.listener.set_inheritable(True)
+        self._close_on_exec()
+        if self._zygote_wanted():
+            self._start_zygote()
         self._warn_web_user()
         self._warn_keepalive()
+
+    def _close_on_exec(self) -> None:
+        """Nothing the master owns reaches a program the app starts. Descriptors carried
+        across the reload's exec arrive inheritable: make them close-on-exec again."""
+        fds = [self.death_r, self.death_w, self.pidfile_fd]
+        if self.listener is not None:
+            fds.append(self.listener.fileno())
+        if self.board.fd is not None:
+            fds.append(self.board.fd)
+        fds += self._child_fds().fds
+        fdutil.set_cloexec(fds)
 
     def _adopt(self, state: ResumeState) -> socket.socket:
         self.listener = socket.socket(fileno=state.listener_fd)
         self.sock_inode = state.sock_inode
         self.board = Scoreboard(MAX_SLOTS, fd=state.board_fd)
         self.death_r, self.death_w = state.death_r, state.death_w
+        self.old_zygote = state.zygote_pid  # it exits when we exec'd: reaped
         self.started_at = state.started_at
         self.sup.totals.update(state.totals)
         self.sup.max_queue = state.max_queue
@@ -427,14 +447,24 @@ class Master:
     # -- workers --------------------------------------------------------------------------
 
     def _child_fds(self) -> MasterFds:
-        fds = [self.wakeup_r, self.wakeup_w, self.death_w, *self.child_close_fds]
+        """What a child must close: what only the master may hold (the death pipe's write
+        end, the control socket, the other workers' pipes, the pidfile, the log)."""
+        fds = [self.wakeup_r, self.wakeup_w, self.death_w, self.pidfile_fd,
+               *self.child_close_fds]
         if self.control is not None:
             fds += self.control.child_fds()
         for io in self.io.values():
             fds += [io.out_fd, io.notify_fd]
         if self.validation is not None:
             fds.append(self.validation.fd)
-        return MasterFds(self.selector, fds)
+        if self.zygote is not None:
+            fds.append(self.zygote.sock.fileno())
+        return MasterFds(self.selector, fds, self.log_handler)
+
+    def _setup(self) -> WorkerSetup:
+        return WorkerSetup(cfg=self.cfg, app=self.app, listener=self.listener,
+                           board=self.board, death_r=self.death_r, user=self.user,
+                           master_pid=os.getpid(), client_filter=self.client_filter)
 
     def _max_requests(self) -> int:
         import random
@@ -449,18 +479,42 @@ class Master:
         self.board.assign(slot, 0, generation)
         if self.cfg.workers.threads > 1:
             self.board.reserve_threads(slot, self.cfg.workers.threads)
-        setup = WorkerSetup(cfg=self.cfg, app=self.app, listener=self.listener,
-                            board=self.board, death_r=self.death_r, user=self.user,
-                            master_pid=os.getpid())
         try:
-            pid, out_fd, notify_fd = fork_worker(setup, slot, self._max_requests(),
-                                                 self._child_fds())
-        except OSError as exc:
+            if self.zygote is not None or self._zygote_wanted():
+                pid, out_fd, notify_fd = self._fork_from_zygote(slot)
+            else:
+                pid, out_fd, notify_fd = fork_worker(self._setup(), slot, self._max_requests(),
+                                                     self._child_fds())
+        except (OSError, FcgiManagerError) as exc:
             self.board.clear(slot)
-            return sv.SpawnFailed(slot, str(exc), time.monotonic())
+            text = exc.message if isinstance(exc, FcgiManagerError) else str(exc)
+            return sv.SpawnFailed(slot, text, time.monotonic())
+        os.set_blocking(out_fd, False)
+        os.set_blocking(notify_fd, False)
         self.board.set_pid(slot, pid)
         self._watch(WorkerIO(pid, slot, out_fd, notify_fd))
         return sv.Spawned(slot, pid, time.monotonic())
+
+    # -- the zygote (preload as root with manager.user) --------------------------------------
+
+    def _zygote_wanted(self) -> bool:
+        return new_zygote_wanted(self.cfg.app.preload, self.app_given, self.user)
+
+    def _start_zygote(self) -> None:
+        if self.zygote is not None:
+            self.zygote.stop()
+        self.zygote = None
+        self.zygote = start_zygote(self._setup(), self._child_fds(), sv.READY_TIMEOUT)
+        log.info("the app is imported in pid %d as %s (workers are forked from it)",
+                 self.zygote.pid, self.cfg.manager.user)
+
+    def _fork_from_zygote(self, slot: int) -> Any:
+        """A worker forked by the zygote, starting a new zygote if the last one died."""
+        if self.zygote is None or not self.zygote.alive:
+            log.warning("the app's zygote is gone: importing the app again in a new one")
+            self._start_zygote()
+        assert self.zygote is not None
+        return self.zygote.spawn(slot, self._max_requests())
 
     def _watch(self, io: WorkerIO) -> None:
         self.io[io.pid] = io
@@ -546,6 +600,15 @@ class Master:
             if pid in self.cancelled_checks:
                 self.cancelled_checks.discard(pid)
                 continue
+            if pid == self.old_zygote:
+                log.debug("the previous generation's zygote (pid %d) %s", pid,
+                          describe_exit(status))
+                continue
+            if self.zygote is not None and pid == self.zygote.pid:
+                self.zygote.alive = False
+                log.warning("the app's zygote (pid %d) %s; a new one imports the app when a "
+                            "worker must start", pid, describe_exit(status))
+                continue
             io = self.io.pop(pid, None)
             requests = shed = 0
             if io is not None:
@@ -563,9 +626,11 @@ class Master:
         views = {}
         for pid, io in self.io.items():
             s = self.board.read_slot(io.slot)
+            what = logs.escape(f"{s['method']} "
+                               f"{logs.shown_uri(str(s['uri']), self.cfg.status.show_query)}")
             views[pid] = sv.SlotView(
                 busy=s["state"] == WorkerState.BUSY, busy_since=float(s["busy_since"]),  # type: ignore
-                requests=int(s["requests"]), what=f"{s['method']} {s['uri']}",  # type: ignore
+                requests=int(s["requests"]), what=what,  # type: ignore[call-overload]
                 slow_dumped=int(s["slow_dumped"]), threads=int(s["threads"]),  # type: ignore
                 in_flight=len(s["in_flight"]))  # type: ignore[arg-type]
         return views
@@ -694,10 +759,15 @@ class Master:
             death_r=self.death_r, death_w=self.death_w, started_at=self.started_at,
             generation=self.sup.generation, totals=dict(self.sup.totals),
             max_queue=self.sup.max_queue, workers=workers,
+            zygote_pid=self.zygote.pid if self.zygote is not None else 0,
             waiter_fds=[c.sock.fileno() for c in self.sup.reload.waiters
                         if c.state == "waiting"], scale=self.sup.scale_state())
         self._write_header()
-        env = dict(os.environ)
+        # The environment the master was started with, not the app's (app.clear_env
+        # would drop PYTHONPATH or FCGI_WEB_SERVER_ADDRS): the new image applies app.env
+        # and clear_env of the new config itself.
+        env = dict(self.exec_env)
+        daemon.carry_pidfile_fd(self.pidfile_fd, env)
         # The command line may name the config relative to a directory we left.
         state_fd = state.to_environment(env, self.cfg.source)
         for fd in state.descriptors() + [state_fd]:
@@ -735,6 +805,9 @@ class Master:
         self.listener = None
 
     def _cleanup(self) -> None:
+        if self.zygote is not None:
+            self.zygote.stop()
+            self.zygote = None
         self._close_listener()
         if self.control is not None:
             reload = self.sup.reload

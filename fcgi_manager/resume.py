@@ -52,6 +52,7 @@ class ResumeState:
     workers: List[ResumedWorker] = field(default_factory=list)
     waiter_fds: List[int] = field(default_factory=list)
     scale: Dict[str, Any] = field(default_factory=dict)  # see Supervisor.scale_state
+    zygote_pid: int = 0  # the old image's zygote: it exits when the image goes
 
     def descriptors(self) -> List[int]:
         """Every descriptor the new image must inherit."""
