@@ -106,6 +106,7 @@ class WorkerSetup:
     user: Any  # privileges.User
     master_pid: int
     client_filter: Any = None  # sockets.ClientFilter, parsed once by the master
+    handoff: Any = None  # handoff.HandoffChannel: idle kept connections, worker to worker
 
 
 def fork_worker(setup: WorkerSetup, slot: int, max_requests: int,
@@ -168,10 +169,13 @@ def _worker_main(setup: WorkerSetup, slot: int, out_w: int, note_w: int, max_req
     def status_page(query: str) -> tuple:
         return status_mod.render_page(status_mod.snapshot(cfg, board), query)
 
+    # app.post_fork (per-process set-up of the app) is called here, before build_worker:
+    # a threaded worker starts its app threads only in run().
     worker = build_worker(board, slot, app=app, config=cfg, listener=setup.listener,
                           slot=SlotWriter(board, slot), worker_id=slot + 1,
                           master_fd=setup.death_r, notify_fd=note_w, max_requests=max_requests,
-                          status_page=status_page, client_filter=setup.client_filter)
+                          status_page=status_page, client_filter=setup.client_filter,
+                          handoff=setup.handoff)
     return worker.run()
 
 

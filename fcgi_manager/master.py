@@ -51,6 +51,7 @@ from .children import (
 from .config import Config
 from .control_server import ControlConnection, ControlServer
 from .errors import FcgiManagerError
+from .handoff import HandoffChannel, channel_for
 from .privileges import apply_environment, resolve_user
 from .restarts import describe_exit
 from .resume import ResumedWorker, ResumeState, take_state
@@ -116,6 +117,7 @@ class Master:
                                  strict=os.environ.get("FCGI_MANAGER_STRICT") == "1")
         self.listener: Optional[socket.socket] = None
         self.listener_watched = False
+        self.handoff: Optional[HandoffChannel] = None  # idle kept connections, worker to worker
         self.sock_inode = 0
         self.control: Optional[ControlServer] = None
         self.board = Scoreboard(0)  # replaced in prepare()
@@ -170,6 +172,7 @@ class Master:
                                                     cfg.listen.mode, cfg.listen.owner,
                                                     cfg.listen.group)
             self.sock_inode = sockets.socket_file_inode(self.address)
+            self.handoff = channel_for(cfg.workers.threads, None)
         os.umask(cfg.manager.umask)
         # Before app.clear_env empties the environment: the filter never depends on it.
         self.client_filter = sockets.ClientFilter.from_config(cfg.listen.allowed_clients)
@@ -208,12 +211,15 @@ class Master:
             fds.append(self.listener.fileno())
         if self.board.fd is not None:
             fds.append(self.board.fd)
+        if self.handoff is not None:
+            fds += self.handoff.fds()
         fds += self._child_fds().fds
         fdutil.set_cloexec(fds)
 
     def _adopt(self, state: ResumeState) -> socket.socket:
         self.listener = socket.socket(fileno=state.listener_fd)
         self.sock_inode = state.sock_inode
+        self.handoff = channel_for(self.cfg.workers.threads, state.handoff_fds)
         self.board = Scoreboard(MAX_SLOTS, fd=state.board_fd)
         self.death_r, self.death_w = state.death_r, state.death_w
         self.old_zygote = state.zygote_pid  # it exits when we exec'd: reaped
@@ -415,6 +421,8 @@ class Master:
             self._report_ready(action.ok, action.text)
         elif kind is sv.CloseListener:
             self._close_listener()
+            if self.handoff is not None:
+                self.handoff.shut()  # nobody is left to take a kept connection
         elif kind is sv.SetDraining:
             self.board.set_draining(True)
         elif kind is sv.WatchListener:
@@ -464,7 +472,8 @@ class Master:
     def _setup(self) -> WorkerSetup:
         return WorkerSetup(cfg=self.cfg, app=self.app, listener=self.listener,
                            board=self.board, death_r=self.death_r, user=self.user,
-                           master_pid=os.getpid(), client_filter=self.client_filter)
+                           master_pid=os.getpid(), client_filter=self.client_filter,
+                           handoff=self.handoff)
 
     def _max_requests(self) -> int:
         import random
@@ -760,6 +769,7 @@ class Master:
             generation=self.sup.generation, totals=dict(self.sup.totals),
             max_queue=self.sup.max_queue, workers=workers,
             zygote_pid=self.zygote.pid if self.zygote is not None else 0,
+            handoff_fds=self.handoff.fds() if self.handoff is not None else None,
             waiter_fds=[c.sock.fileno() for c in self.sup.reload.waiters
                         if c.state == "waiting"], scale=self.sup.scale_state())
         self._write_header()

@@ -53,12 +53,14 @@ class ResumeState:
     waiter_fds: List[int] = field(default_factory=list)
     scale: Dict[str, Any] = field(default_factory=dict)  # see Supervisor.scale_state
     zygote_pid: int = 0  # the old image's zygote: it exits when the image goes
+    handoff_fds: Optional[List[int]] = None  # the kept-connection hand-off socketpair
 
     def descriptors(self) -> List[int]:
         """Every descriptor the new image must inherit."""
         fds = [self.listener_fd, self.control_fd, self.board_fd, self.death_r, self.death_w]
         for w in self.workers:
             fds += [w.out_fd, w.notify_fd]
+        fds += self.handoff_fds or []
         return [fd for fd in fds + self.waiter_fds if fd >= 0]
 
     def to_json(self) -> bytes:
