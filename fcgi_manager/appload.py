@@ -111,3 +111,36 @@ def _attribute(module: object, name: str) -> object:
             f"module {getattr(module, '__name__', module)!r} has no attribute {name!r}",
             hint="check the name after ':' in app.module",
         ) from None
+
+
+def run_post_fork(spec: str, worker_id: int) -> None:
+    """Call ``app.post_fork`` (``"module:function"``) with the worker id, in a new worker.
+
+    Why it exists: with ``preload``, the app is imported once in the master and its
+    database pools, sockets and RNG state are copied into every worker by ``fork``; two
+    processes sharing one database connection corrupt each other's replies. The hook is
+    where the app reopens them, once per worker, before the worker serves. Any error is
+    reported the way an import error is (``start`` prints it; the master does not respawn
+    in a loop).
+    """
+    module_name, _, func_name = spec.partition(":")
+    where = f"app.post_fork {spec!r}"
+    if not module_name or not func_name:
+        raise AppImportError(f"{where}: write it as \"module:function\"")
+    try:
+        module = importlib.import_module(module_name)
+    except BaseException as exc:
+        raise AppImportError(f"{where}: cannot import {module_name!r}: "
+                             f"{type(exc).__name__}: {exc}", traceback.format_exc(),
+                             _hint(exc, module_name)) from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise AppImportError(f"{where}: module {module_name!r} has no function {func_name!r}",
+                             hint="check the name after ':' in app.post_fork")
+    try:
+        func(worker_id)
+    except BaseException as exc:  # SystemExit too: the worker must not start half set up
+        raise AppImportError(f"{where} raised {type(exc).__name__}: {exc} in worker "
+                             f"{worker_id}", traceback.format_exc(),
+                             "fix the hook: the workers cannot serve until it succeeds"
+                             ) from None

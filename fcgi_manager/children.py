@@ -25,9 +25,9 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
-from . import fdutil, logs, notify, procctl, sockets
+from . import fdutil, logs, notify, procctl, proctitle, sockets
 from . import status as status_mod
-from .appload import load_app, prepare_import
+from .appload import load_app, prepare_import, run_post_fork
 from .config import Config
 from .errors import AppImportError, FcgiManagerError, format_error
 from .privileges import apply_environment, resolve_user
@@ -150,16 +150,21 @@ def _worker_main(setup: WorkerSetup, slot: int, out_w: int, note_w: int, max_req
     os.close(devnull)
     sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", errors="replace")
     sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", errors="replace")
-    logs.setup_worker(setup.cfg.manager.log_level)
+    logs.setup_worker(setup.cfg.manager.log_level, setup.cfg.manager.log_format)
+    proctitle.set_worker(slot + 1, proctitle.title_name(setup.cfg))
     setup.user.drop()
     # After the uid change: the kernel clears the parent-death signal on it.
     procctl.set_pdeathsig(signal.SIGTERM)
     if os.getppid() != setup.master_pid:
         return 0  # the master died between fork and here
     app = setup.app
-    if app is None:
+    post_fork = setup.cfg.app.post_fork
+    if app is None or post_fork:
         try:
-            app = load_app(setup.cfg.app.module)
+            if app is None:
+                app = load_app(setup.cfg.app.module)
+            if post_fork:  # before build_worker: a threaded worker starts its threads in run()
+                run_post_fork(post_fork, slot + 1)
         except AppImportError as exc:
             text = format_error(exc, prefix="")
             os.write(note_w, notify.encode(notify.BOOT_ERROR, text.encode("utf-8", "replace")))
@@ -169,8 +174,6 @@ def _worker_main(setup: WorkerSetup, slot: int, out_w: int, note_w: int, max_req
     def status_page(query: str) -> tuple:
         return status_mod.render_page(status_mod.snapshot(cfg, board), query)
 
-    # app.post_fork (per-process set-up of the app) is called here, before build_worker:
-    # a threaded worker starts its app threads only in run().
     worker = build_worker(board, slot, app=app, config=cfg, listener=setup.listener,
                           slot=SlotWriter(board, slot), worker_id=slot + 1,
                           master_fd=setup.death_r, notify_fd=note_w, max_requests=max_requests,
@@ -189,6 +192,7 @@ def start_zygote(setup: WorkerSetup, master: MasterFds, timeout: float) -> Zygot
                                "set app.preload = false")
 
     def prepare_child() -> None:
+        proctitle.set_zygote(proctitle.title_name(setup.cfg))
         leave_master(master)
         setup.user.drop()
 

@@ -304,7 +304,7 @@ def serve(cfg: config_mod.Config, app: Any = None, background: bool = False,
         if not resuming:
             _check_directories(cfg, log_path)
         os.umask(cfg.manager.umask)  # the log is created with it, like every file after it
-        handler = logs.setup_master(log_path, cfg.manager.log_level)
+        handler = logs.setup_master(log_path, cfg.manager.log_level, cfg.manager.log_format)
         os.environ.setdefault("FCGI_MANAGER_RESUME_CWD", os.getcwd())
         if handler.open_error and not resuming:
             raise FcgiManagerError(f"manager.log: {handler.open_error}",

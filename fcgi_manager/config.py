@@ -31,6 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from .accesslog import check_format as check_access_format
 from .errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -308,6 +309,12 @@ def _check(cfg: Config, source: str) -> None:
         raise err("manager.shutdown_delay", "must not be negative (0 turns it off)")
     if m.log_format not in ("text", "json"):
         raise err("manager.log_format", f'must be "text" or "json", got {m.log_format!r}')
+    format_error = check_access_format(m.access_format)
+    if format_error:
+        raise err("manager.access_format", format_error)
+    if app.post_fork and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", app.post_fork):
+        raise err("app.post_fork", f"cannot read {app.post_fork!r}",
+                  'write "package.module:function"')
     if w.max_idle_connections < 0:
         raise err("workers.max_idle_connections", "must not be negative")
     if li.backlog < 1:

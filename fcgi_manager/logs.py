@@ -5,6 +5,17 @@ their stderr, which the master reads line by line and writes as
 ``2026-11-25 12:00:00 [worker 3 pid 1240] ERROR: message`` -- the same tag for the app's
 own prints, ``wsgi.errors`` and stack dumps, so ``grep 'worker 3'`` finds everything.
 
+With ``[manager] log_format = "json"`` every line is one JSON object instead::
+
+    {"ts": "2026-11-25T12:00:00.123+00:00", "level": "error", "pid": 1240, "worker": 3,
+     "event": "log", "message": "...", ...the event's own fields}
+
+``worker`` is null on the master's own lines. A worker then writes its log records to its
+stderr as RFC 7464 JSON texts (``\x1e`` + object), so a record that spans lines (a
+traceback) stays one object; the master adds ``ts``/``pid``/``worker``. Anything else a
+worker prints (the app's ``print``, faulthandler's stacks) becomes
+``{"event": "output", "message": line}``.
+
 The log file is reopened on ``reopen-logs``/``SIGUSR1`` (logrotate). A log that cannot be
 written (disk full, permissions) never stops serving: the failure is reported once on
 stderr and logging goes on trying.
@@ -12,15 +23,57 @@ stderr and logging goes on trying.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import time
-from typing import Optional, TextIO
+from typing import Any, Dict, Optional, TextIO
 
 from . import fsafe
 
 LOGGER = "fcgi_manager"
+RECORD_SEPARATOR = "\x1e"  # starts a worker's JSON log record (RFC 7464)
+# LogRecord attributes that are not fields of the event (everything else given with
+# ``extra=`` is).
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message", "asctime", "tag", "event"}
+
+
+def iso_time(ts: float) -> str:
+    """``2026-11-25T12:00:00.123+00:00``: local time with its offset, milliseconds."""
+    local = time.localtime(ts)
+    offset = time.strftime("%z", local)
+    return (time.strftime("%Y-%m-%dT%H:%M:%S", local) + f".{int(ts % 1 * 1000):03d}"
+            + offset[:3] + ":" + offset[3:])
+
+
+def _event_fields(record: logging.LogRecord) -> Dict[str, Any]:
+    """The event name and the fields a caller passed with ``extra=``."""
+    fields: Dict[str, Any] = {"event": getattr(record, "event", "log")}
+    for key, value in vars(record).items():
+        if key not in _STANDARD and not key.startswith("_"):
+            fields[key] = value
+    return fields
+
+
+def _dumps(obj: Dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False, default=str)
+
+
+class _JsonFormatter(logging.Formatter):
+    """The master's lines as JSON objects (see the module docstring)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        obj: Dict[str, Any] = {"ts": iso_time(record.created),
+                               "level": record.levelname.lower(), "pid": os.getpid(),
+                               "worker": getattr(record, "worker", None)}
+        obj.update(_event_fields(record))
+        obj["message"] = msg
+        return _dumps(obj)
 
 # Control characters (C0, DEL, C1) as visible escapes: request data and app output can
 # then neither start a forged log line (CR, LF) nor drive the terminal that shows the
@@ -63,9 +116,10 @@ class _Formatter(logging.Formatter):
 class ReopenableHandler(logging.Handler):
     """Writes to a file (reopened on demand) or to stderr; never raises into the caller."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, json_lines: bool = False) -> None:
         super().__init__()
         self.path = path
+        self.json = json_lines  # log_format = "json": worker lines are written as JSON too
         self.stream: Optional[TextIO] = None
         self._failed = False
         self.open_error = self.reopen()
@@ -135,14 +189,14 @@ class ReopenableHandler(logging.Handler):
         super().close()
 
 
-def setup_master(path: str, level: str) -> ReopenableHandler:
+def setup_master(path: str, level: str, log_format: str = "text") -> ReopenableHandler:
     """Route the package's logger to ``path`` ("-" = stderr) for the master."""
     logger = logging.getLogger(LOGGER)
     for h in list(logger.handlers):
         logger.removeHandler(h)
         h.close()
-    handler = ReopenableHandler(path)
-    handler.setFormatter(_Formatter("master"))
+    handler = ReopenableHandler(path, json_lines=log_format == "json")
+    handler.setFormatter(_JsonFormatter() if handler.json else _Formatter("master"))
     logger.addHandler(handler)
     logger.setLevel(level.upper())
     logger.propagate = False
@@ -158,13 +212,29 @@ class _WorkerFormatter(logging.Formatter):
         return f"{record.levelname}: {msg}"
 
 
-def setup_worker(level: str) -> None:
-    """In a worker: plain ``LEVEL: message`` lines on stderr; the master adds time and tag."""
+class _WorkerJsonFormatter(logging.Formatter):
+    """A worker's record as ``\x1e`` + one JSON object; the master completes it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        obj: Dict[str, Any] = {"ts": iso_time(record.created),
+                               "level": record.levelname.lower()}
+        obj.update(_event_fields(record))
+        obj["message"] = msg
+        return RECORD_SEPARATOR + _dumps(obj)
+
+
+def setup_worker(level: str, log_format: str = "text") -> None:
+    """In a worker: plain ``LEVEL: message`` lines on stderr; the master adds time and tag.
+    With ``log_format = "json"``: one JSON text per record (see the module docstring)."""
     logger = logging.getLogger(LOGGER)
     for h in list(logger.handlers):
         logger.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_WorkerFormatter())
+    handler.setFormatter(_WorkerJsonFormatter() if log_format == "json"
+                         else _WorkerFormatter())
     logger.addHandler(handler)
     logger.setLevel(level.upper())
     logger.propagate = False
@@ -173,5 +243,26 @@ def setup_worker(level: str) -> None:
 
 def worker_line(handler: ReopenableHandler, worker_id: int, pid: int, line: str) -> None:
     """Write one captured line of a worker's output, tagged."""
+    if handler.json:
+        handler.write_line(worker_json_line(worker_id, pid, line))
+        return
     ts = time.strftime("%Y-%m-%d %H:%M:%S")
     handler.write_line(f"{ts} [worker {worker_id} pid {pid}] {escape(line)}")
+
+
+def worker_json_line(worker_id: int, pid: int, line: str) -> str:
+    """A worker's captured line as a JSON object: its own record, or its raw output."""
+    head = {"ts": iso_time(time.time()), "level": "info", "pid": pid, "worker": worker_id}
+    if line.startswith(RECORD_SEPARATOR):
+        try:
+            record = json.loads(line[1:])
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            head.update(record)
+            head["pid"], head["worker"] = pid, worker_id
+            return _dumps(head)
+        line = line[1:]
+    head["event"] = "output"
+    head["message"] = line
+    return _dumps(head)

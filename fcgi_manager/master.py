@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Set
 
 import psutil
 
-from . import control, daemon, fdutil, logs, notify, sockets
+from . import accesslog, control, daemon, fdutil, logs, notify, proctitle, sockets
 from . import status as status_mod
 from . import supervisor as sv
 from .appload import load_app, prepare_import
@@ -106,8 +106,8 @@ class Master:
         self.cfg = cfg
         self.app = app  # given directly by the Python API; else imported from app.module
         self.app_given = app is not None
-        self.log_handler = log_handler or logs.setup_master(cfg.manager.log,
-                                                            cfg.manager.log_level)
+        self.log_handler = log_handler or logs.setup_master(
+            cfg.manager.log, cfg.manager.log_level, cfg.manager.log_format)
         self.address = sockets.parse_address(cfg.listen.bind)
         self.user = resolve_user(cfg.manager.user, cfg.manager.group)
         self.selector = selectors.DefaultSelector()
@@ -198,10 +198,19 @@ class Master:
         if self.resumed is not None:
             self._adopt_workers(self.resumed)
         self._close_on_exec()
+        self._prepare_access_log()
         if self._zygote_wanted():
             self._start_zygote()
         self._warn_web_user()
         self._warn_keepalive()
+
+    def _prepare_access_log(self) -> None:
+        try:
+            accesslog.prepare_master(self.cfg, self.user.uid, self.user.gid)
+        except OSError as exc:
+            raise FcgiManagerError(f"cannot open the access log {self.cfg.manager.access_log}: "
+                                   f"{exc.strerror}", "check manager.access_log and its "
+                                   "directory's permissions") from None
 
     def _close_on_exec(self) -> None:
         """Nothing the master owns reaches a program the app starts. Descriptors carried
@@ -268,6 +277,7 @@ class Master:
         """The loop; returns the exit status once every worker is gone."""
         # A re-executed master is already "started": its readiness is the reload's.
         self.ready_callback = None if self.resumed else ready_callback
+        proctitle.set_master(proctitle.title_name(self.cfg), proctitle.title_config(self.cfg))
         self._install_signals()
         self.selector.register(self.wakeup_r, selectors.EVENT_READ, ("wakeup", None))
         self._write_header()
@@ -371,6 +381,9 @@ class Master:
             if error:
                 raise FcgiManagerError(f"{error} (logging goes on to the old file, if any)")
             log.info("reopened the log file %s", self.cfg.manager.log)
+            if self.cfg.manager.access_log:
+                self._prepare_access_log()
+                self.board.bump_log_epoch()  # each worker reopens it at its next write
             return {"reopened": self.cfg.manager.log}
         if name in ("stop", "scale", "reload"):
             self.feed(sv.Command(name, args, client, time.monotonic()))

@@ -19,7 +19,7 @@ reads that slot again.
 
 Threaded workers (``workers.threads`` > 1) run several requests at once, and one request
 record per slot cannot hold them without a lock between the threads. They get a range of
-**thread entries** instead, after the slots::
+**thread entries** instead, after the slots and their histograms::
 
     entry[k] (ENTRY_SIZE bytes)  one per app thread: the same request record as a slot's,
                                  plus the thread's shed count; written only by its thread
@@ -31,6 +31,16 @@ worker's main thread only the slot's state byte: still one writer per field, no 
 :meth:`Scoreboard.read_slot` folds the entries into the slot's view (busy when any thread
 is, ``busy_since`` of the oldest request, the sum of the requests) and lists every request
 in flight.
+
+Between the slots and the thread entries: one request-duration histogram per slot, then
+one more for the workers that are gone ("retired", at index ``slots``)::
+
+    hist[i]  (HIST.size bytes)  count per bucket of DURATION_BUCKETS (+Inf last), sum (s)
+
+Each worker owns its histogram (one writer: plain stores, no lock, no syscall; the threads
+of a threaded worker share it under one lock); readers sum them all. When the master
+frees a slot (:meth:`Scoreboard.clear`) it first adds that histogram into the retired
+one, so the pool's counts only grow, as Prometheus counters must.
 """
 
 from __future__ import annotations
@@ -38,8 +48,10 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import threading
 import time
-from typing import Dict, Iterator, List, Optional
+from bisect import bisect_left
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from .states import STATE_CODES, STATE_NAMES, WorkerState
 
@@ -86,6 +98,17 @@ assert ENTRY.size <= ENTRY_SIZE
 MIN_ENTRIES = 64  # the thread region grows by at least this many entries
 assert HEADER.size <= FLAGS_OFF
 
+# Request durations, in seconds: Prometheus' default buckets (the upper bounds of "le").
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+N_BUCKETS = len(DURATION_BUCKETS) + 1  # the last one counts everything above 10 s
+HIST = struct.Struct(f"={N_BUCKETS}Q d")  # per-bucket counts (not cumulative), sum
+HIST_SUM_OFF = N_BUCKETS * 8
+_COUNT = struct.Struct("=Q")
+_SUM = struct.Struct("=d")
+# One byte of the header the master bumps to ask workers to reopen their log files.
+LOG_EPOCH_OFF = HEADER_SIZE - 1
+assert FLAGS_OFF + FLAGS.size <= LOG_EPOCH_OFF
+
 _BUSY = STATE_CODES[WorkerState.BUSY]
 _IDLE = STATE_CODES[WorkerState.IDLE]
 
@@ -95,13 +118,17 @@ class Scoreboard:
 
     def __init__(self, slots: int = MAX_SLOTS, fd: Optional[int] = None) -> None:
         self.slots = slots
-        size = HEADER_SIZE + slots * SLOT_SIZE
+        self.hist_base = HEADER_SIZE + slots * SLOT_SIZE
+        size = self.hist_base + (slots + 1) * HIST.size
         if fd is None and hasattr(os, "memfd_create"):
             # Close-on-exec: only the reload's exec keeps it (master.py marks it then).
             fd = os.memfd_create("fcgi-manager-scoreboard", os.MFD_CLOEXEC)
             os.ftruncate(fd, size)
+        elif fd is not None and os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)  # adopted from an older version with a smaller layout
         self.fd = fd
-        self.entries_off = size  # thread entries start after the slots
+        self._duration_writers: Dict[int, DurationWriter] = {}
+        self.entries_off = size  # thread entries start after the histograms
         if fd is None:
             self.mem = mmap.mmap(-1, size)
         else:
@@ -129,6 +156,8 @@ class Scoreboard:
         """Give ``slot`` to a new worker (before it runs, so it is visible at once)."""
         off = HEADER_SIZE + slot * SLOT_SIZE
         self.mem[off : off + SLOT_SIZE] = bytes(SLOT_SIZE)
+        hist = self._hist_off(slot)
+        self.mem[hist : hist + HIST.size] = bytes(HIST.size)
         IDENT.pack_into(self.mem, off + IDENT_OFF, pid, generation, time.time())
         self.mem[off + REQ_OFF] = STATE_CODES[WorkerState.STARTING]
 
@@ -136,8 +165,44 @@ class Scoreboard:
         struct.pack_into("=i", self.mem, HEADER_SIZE + slot * SLOT_SIZE + IDENT_OFF, pid)
 
     def clear(self, slot: int) -> None:
+        """Free ``slot`` (its worker is gone); its durations go to the retired histogram."""
         off = HEADER_SIZE + slot * SLOT_SIZE
         self.mem[off : off + SLOT_SIZE] = bytes(SLOT_SIZE)
+        self._retire_histogram(slot)
+
+    def _hist_off(self, index: int) -> int:
+        return self.hist_base + index * HIST.size
+
+    def _retire_histogram(self, slot: int) -> None:
+        gone = HIST.unpack_from(self.mem, self._hist_off(slot))
+        if any(gone):
+            kept = HIST.unpack_from(self.mem, self._hist_off(self.slots))
+            HIST.pack_into(self.mem, self._hist_off(self.slots),
+                           *(a + b for a, b in zip(kept, gone)))
+        self.mem[self._hist_off(slot) : self._hist_off(slot) + HIST.size] = bytes(HIST.size)
+
+    def read_histogram(self) -> Tuple[List[int], float]:
+        """The pool's request durations: cumulative counts per bucket (the last is +Inf,
+        i.e. the total), and the sum in seconds. The retired one is read first: a slot freed
+        while we read is then missed for one sample, never counted twice."""
+        counts = [0] * N_BUCKETS
+        total = 0.0
+        mem = self.mem
+        for index in (self.slots, *range(self.slots)):
+            values = HIST.unpack_from(mem, self._hist_off(index))
+            if any(values):
+                for i in range(N_BUCKETS):
+                    counts[i] += values[i]
+                total += values[-1]
+        running = 0
+        for i in range(N_BUCKETS):
+            running += counts[i]
+            counts[i] = running
+        return counts, total
+
+    def bump_log_epoch(self) -> None:
+        """Ask every worker to reopen its log files (logrotate moved them)."""
+        self.mem[LOG_EPOCH_OFF] = (self.mem[LOG_EPOCH_OFF] + 1) & 0xFF
 
     # -- thread entries (workers.threads > 1) --------------------------------------------
 
@@ -181,7 +246,16 @@ class Scoreboard:
         """One writer per reserved entry of ``slot`` (in the worker, after fork)."""
         first, count = self._thread_range(slot)
         self._map_entries(first + count)
-        return [ThreadSlotWriter(self, first + i) for i in range(count)]
+        durations = self.duration_writer(slot)
+        durations.lock = threading.Lock()
+        return [ThreadSlotWriter(self, first + i, durations) for i in range(count)]
+
+    def duration_writer(self, slot: int) -> DurationWriter:
+        """The histogram writer of ``slot`` (one per worker process, whoever asks)."""
+        writer = self._duration_writers.get(slot)
+        if writer is None or writer.mem is not self.mem:
+            writer = self._duration_writers[slot] = DurationWriter(self, slot)
+        return writer
 
     def _map_entries(self, entries: int) -> None:
         """Map the file again when it grew after this process mapped it: a worker forked
@@ -293,10 +367,41 @@ class Scoreboard:
                 pass
 
 
-class SlotWriter:
-    """A worker's handle on its own slot: the two writes of the request path."""
+class DurationWriter:
+    """A worker's request-duration histogram in its slot's hist[] (see the module
+    docstring). The worker keeps its own copy of the counts, so nothing is read back:
+    counting one request is two stores into shared memory. A threaded worker's threads
+    share one, under :attr:`lock`."""
 
-    __slots__ = ("mem", "off", "requests", "_req_off", "shed")
+    __slots__ = ("mem", "off", "counts", "total", "lock")
+
+    def __init__(self, board: Scoreboard, slot: int) -> None:
+        self.mem = board.mem
+        self.off = board._hist_off(slot)
+        self.counts = [0] * N_BUCKETS
+        self.total = 0.0
+        self.lock: Optional[threading.Lock] = None
+
+    def observe(self, seconds: float) -> None:
+        if self.lock is not None:
+            with self.lock:
+                self._observe(seconds)
+        else:
+            self._observe(seconds)
+
+    def _observe(self, seconds: float) -> None:
+        i = bisect_left(DURATION_BUCKETS, seconds)
+        counts = self.counts
+        counts[i] = count = counts[i] + 1
+        _COUNT.pack_into(self.mem, self.off + 8 * i, count)
+        self.total = total = self.total + seconds
+        _SUM.pack_into(self.mem, self.off + HIST_SUM_OFF, total)
+
+
+class SlotWriter:
+    """A worker's handle on its own slot: the writes of the request path."""
+
+    __slots__ = ("mem", "off", "requests", "_req_off", "shed", "busy_since", "durations")
 
     def __init__(self, board: Scoreboard, slot: int) -> None:
         self.mem = board.mem
@@ -304,16 +409,20 @@ class SlotWriter:
         self._req_off = self.off + REQ_OFF
         self.requests = 0
         self.shed = 0
+        self.busy_since = 0.0
+        self.durations = board.duration_writer(slot)
 
     def busy(self, method: str, uri: str) -> None:
+        self.busy_since = now = time.monotonic()
         REQ.pack_into(
-            self.mem, self._req_off, _BUSY, self.requests, time.monotonic(),
+            self.mem, self._req_off, _BUSY, self.requests, now,
             method.encode("latin-1", "replace"), uri.encode("latin-1", "replace")[:200],
         )
 
     def idle(self) -> None:
         self.requests += 1
         IDLE.pack_into(self.mem, self._req_off, _IDLE, self.requests, 0.0)
+        self.durations.observe(time.monotonic() - self.busy_since)
 
     def set_state(self, state: WorkerState) -> None:
         self.mem[self._req_off] = STATE_CODES[state]
@@ -321,6 +430,10 @@ class SlotWriter:
     def draining(self) -> bool:
         """Has the master been asked to stop? (one read of shared memory: no IPC)"""
         return bool(FLAGS.unpack_from(self.mem, FLAGS_OFF)[0] & FLAG_DRAINING)
+
+    def log_epoch(self) -> int:
+        """The master's log-reopen counter (see :meth:`Scoreboard.bump_log_epoch`)."""
+        return self.mem[LOG_EPOCH_OFF]
 
     def count_shed(self) -> None:
         self.shed += 1
@@ -334,23 +447,27 @@ class ThreadSlotWriter:
     writes; the shed count lives in the entry too, so no counter is shared between threads.
     """
 
-    __slots__ = ("mem", "off", "requests", "shed")
+    __slots__ = ("mem", "off", "requests", "shed", "busy_since", "durations")
 
-    def __init__(self, board: Scoreboard, index: int) -> None:
+    def __init__(self, board: Scoreboard, index: int, durations: DurationWriter) -> None:
         self.mem = board.mem
         self.off = board.entries_off + index * ENTRY_SIZE
         self.requests = 0
         self.shed = 0
+        self.busy_since = 0.0
+        self.durations = durations
 
     def busy(self, method: str, uri: str) -> None:
+        self.busy_since = now = time.monotonic()
         REQ.pack_into(
-            self.mem, self.off, _BUSY, self.requests, time.monotonic(),
+            self.mem, self.off, _BUSY, self.requests, now,
             method.encode("latin-1", "replace"), uri.encode("latin-1", "replace")[:200],
         )
 
     def idle(self) -> None:
         self.requests += 1
         IDLE.pack_into(self.mem, self.off, _IDLE, self.requests, 0.0)
+        self.durations.observe(time.monotonic() - self.busy_since)
 
     def count_shed(self) -> None:
         self.shed += 1

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs
 
 from .logs import escape, shown_uri
 from .privileges import ROOT_WARNING, workers_user
-from .scoreboard import Scoreboard
+from .scoreboard import DURATION_BUCKETS, Scoreboard
 from .version import __version__
 
 
@@ -69,6 +69,7 @@ def snapshot(cfg: Any, board: Scoreboard) -> Dict[str, Any]:
     max_queue = int(head["max_queue"])
     started_at = float(head["started_at"])
     w = cfg.workers
+    counts, duration_sum = board.read_histogram()
     return {
         "pid": int(head["master_pid"]),
         "version": __version__,
@@ -100,6 +101,11 @@ def snapshot(cfg: Any, board: Scoreboard) -> Dict[str, Any]:
             "max_children_reached": int(head["max_children_reached"]),
             "busy_threads": busy_threads,
             "threads": threads,
+        },
+        "request_duration": {  # cumulative, as Prometheus histograms are
+            "buckets": [[le, n] for le, n in zip(DURATION_BUCKETS, counts)],
+            "count": counts[-1],
+            "sum_s": round(duration_sum, 6),
         },
         "workers": workers,
         "workers_user": workers_user(cfg),
@@ -184,69 +190,111 @@ def render_json(data: Dict[str, Any]) -> str:
     return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
 
+def _labels(labels: tuple) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels) + "}"
+
+
 def _metric(out: List[str], name: str, kind: str, help_text: str,
-            samples: List[tuple]) -> None:
+            samples: List[tuple], unit: str = "") -> None:
+    """One metric family: ``# TYPE``, ``# HELP`` (and ``# UNIT``), then its samples.
+    Counters get ``_total`` on each sample, as OpenMetrics requires."""
     full = f"fcgi_manager_{name}"
     out.append(f"# TYPE {full} {kind}")
+    if unit:
+        out.append(f"# UNIT {full} {unit}")
     out.append(f"# HELP {full} {help_text}")
-    suffix = "_total" if kind == "counter" else ""
+    suffix = {"counter": "_total", "info": "_info"}.get(kind, "")
     for labels, value in samples:
         if value is None:
             continue
-        label_text = ""
-        if labels:
-            label_text = "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels) + "}"
-        out.append(f"{full}{suffix}{label_text} {value}")
+        out.append(f"{full}{suffix}{_labels(labels)} {value}")
 
 
 def _escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+# status --json totals -> counters (fcgi_manager_<name>_total), by Prometheus' conventions.
+COUNTERS = {
+    "accepted": ("requests", "Requests served."),
+    "respawns": ("respawns", "Workers started to replace workers that died unexpectedly."),
+    "crashes": ("crashes", "Worker deaths the master did not ask for."),
+    "timeouts": ("timeouts", "Workers killed for running a request past workers.timeout."),
+    "slow": ("slow_requests", "Requests that ran past workers.slow_request."),
+    "recycled": ("recycled", "Workers replaced on purpose (max_requests, max_memory)."),
+    "shed": ("shed", "Requests answered 503 because they waited past queue_timeout."),
+    "max_children_reached": ("max_children_reached",
+                             "Times the pool wanted to grow past max_workers."),
+}
+WORKER_STATES = ("idle", "busy", "starting", "stopping")
+
+
 def render_openmetrics(data: Dict[str, Any]) -> str:
-    """The OpenMetrics text format (what Prometheus scrapes), ending in ``# EOF``."""
+    """The OpenMetrics text format (what Prometheus scrapes), ending in ``# EOF``.
+
+    Prometheus' conventions: counters end in ``_total``, one metric per quantity with the
+    variants as labels (``workers{state=...}``), base units (seconds, bytes), a start time
+    rather than an uptime, and per-worker series labelled by the worker's ``id`` -- a
+    stable slot number -- never by pid, which would make a new series on every recycle.
+    """
     t = data["totals"]
     out: List[str] = []
-    counters = {
-        "accepted": "Requests served.",
-        "respawns": "Workers started to replace workers that died unexpectedly.",
-        "crashes": "Worker deaths the master did not ask for.",
-        "timeouts": "Workers killed for running a request past workers.timeout.",
-        "slow": "Requests that ran past workers.slow_request.",
-        "recycled": "Workers replaced on purpose (max_requests, max_memory).",
-        "shed": "Requests answered 503 because they waited past queue_timeout.",
-        "max_children_reached": "Times the pool wanted to grow past max_workers.",
-    }
-    for key, help_text in counters.items():
-        _metric(out, key, "counter", help_text, [((), t[key])])
-    _metric(out, "active_workers", "gauge", "Workers running a request.", [((), t["active"])])
-    _metric(out, "idle_workers", "gauge", "Workers waiting for a request.", [((), t["idle"])])
-    _metric(out, "max_active_workers", "gauge", "Most workers busy at once.",
+    _metric(out, "build", "info", "fcgi-manager's version.", [((("version", data["version"]),
+                                                               ), 1)])
+    for key, (name, help_text) in COUNTERS.items():
+        _metric(out, name, "counter", help_text, [((), t[key])])
+    states = {state: 0 for state in WORKER_STATES}
+    for w in data["workers"]:
+        states[w["state"]] = states.get(w["state"], 0) + 1
+    _metric(out, "workers", "gauge", "Worker processes, by state.",
+            [((("state", state),), n) for state, n in states.items()])
+    _metric(out, "workers_target", "gauge", "Workers the pool is sized to now.",
+            [((), data.get("target_workers"))])
+    _metric(out, "max_active_workers", "gauge", "Most workers busy at once since the start.",
             [((), t["max_active"])])
-    _metric(out, "workers", "gauge", "Worker processes.", [((), len(data["workers"]))])
     _metric(out, "busy_threads", "gauge", "Requests running now (app threads busy).",
             [((), t["busy_threads"])])
     _metric(out, "threads", "gauge", "App threads in all workers (workers.threads each).",
             [((), t["threads"])])
-    _metric(out, "generation", "gauge", "Reload generation.", [((), data["generation"])])
-    _metric(out, "uptime_seconds", "gauge", "Seconds since the master started.",
-            [((), data["uptime_s"])])
+    _metric(out, "generation", "gauge", "Reload generation (1, then one more per reload).",
+            [((), data["generation"])])
+    _metric(out, "start_time_seconds", "gauge", "When the master started (Unix time).",
+            [((), data["started_at"])], unit="seconds")
     _metric(out, "listen_queue", "gauge", "Connections waiting in the listen backlog.",
             [((), data["listen"]["queue"])])
     _metric(out, "listen_queue_max", "gauge", "High mark of the listen backlog.",
             [((), data["listen"]["max_queue"])])
     _metric(out, "listen_backlog", "gauge", "Configured listen backlog.",
             [((), data["listen"]["backlog"])])
-    per = [(("id", w["id"]), ("pid", w["pid"])) for w in data["workers"]]
-    _metric(out, "worker_requests", "counter", "Requests served by this worker.",
-            [(labels, w["requests"]) for labels, w in zip(per, data["workers"])])
-    _metric(out, "worker_rss_bytes", "gauge", "Resident memory of this worker.",
-            [(labels, w["rss_bytes"]) for labels, w in zip(per, data["workers"])])
+    hist = data.get("request_duration")
+    if hist is not None:
+        full = "fcgi_manager_request_duration_seconds"
+        out.append(f"# TYPE {full} histogram")
+        out.append(f"# UNIT {full} seconds")
+        out.append(f"# HELP {full} Time from the request's arrival in a worker to its end.")
+        for le, n in hist["buckets"]:
+            out.append(f'{full}_bucket{{le="{le}"}} {n}')
+        out.append(f'{full}_bucket{{le="+Inf"}} {hist["count"]}')
+        out.append(f"{full}_count {hist['count']}")
+        out.append(f"{full}_sum {hist['sum_s']}")
+    workers = data["workers"]
+    per = [(("id", w["id"]),) for w in workers]
+    _metric(out, "worker_requests", "counter", "Requests served by this worker process "
+            "(starts again from 0 when the worker is replaced).",
+            [(labels, w["requests"]) for labels, w in zip(per, workers)])
+    _metric(out, "worker_resident_memory_bytes", "gauge", "Resident memory of this worker.",
+            [(labels, w["rss_bytes"]) for labels, w in zip(per, workers)], unit="bytes")
+    _metric(out, "worker_cpu_percent", "gauge", "CPU use of this worker, sampled.",
+            [(labels, w["cpu_percent"]) for labels, w in zip(per, workers)])
     _metric(out, "worker_busy", "gauge", "1 while this worker runs a request.",
-            [(labels, 1 if w["state"] == "busy" else 0)
-             for labels, w in zip(per, data["workers"])])
+            [(labels, 1 if w["state"] == "busy" else 0) for labels, w in zip(per, workers)])
     _metric(out, "worker_busy_threads", "gauge", "Requests this worker runs now.",
-            [(labels, len(w["in_flight"])) for labels, w in zip(per, data["workers"])])
+            [(labels, len(w["in_flight"])) for labels, w in zip(per, workers)])
+    _metric(out, "worker_start_time_seconds", "gauge", "When this worker started (Unix "
+            "time).", [(labels, w["started_at"]) for labels, w in zip(per, workers)],
+            unit="seconds")
     out.append("# EOF")
     return "\n".join(out) + "\n"
 

@@ -49,7 +49,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from . import notify, protocol
+from . import accesslog, notify, protocol
 from .errors import ProtocolError
 from .handoff import CLOSED, FLAG_KEPT, FLAG_SNDTIMEO, SENT, HandoffChannel, Watchdog
 from .nbaccept import nonblocking_acceptor
@@ -290,6 +290,7 @@ class Worker:
         self._placeholder = -1
         self._hand_on: Optional[bool] = None  # decided once stopping: hand on, or close
         self._master_gone = False
+        self.access = accesslog.for_worker(config, worker_id, slot.log_epoch)
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -384,6 +385,7 @@ class Worker:
         ep = self.epoll
         conns = self.conns
         listen_fd = self.listen_fd
+        access = self.access
         poll_deadline = 0.0
         while True:
             if self._released:
@@ -402,6 +404,8 @@ class Worker:
                     return
             timeout = (0.1 if self.stopping else 1.0) if (
                 conns or self.stopping or self._resume_accept_at) else -1
+            if access is not None and access.pending and timeout < 0:
+                timeout = accesslog.FLUSH_AFTER  # wake up to write the waiting lines
             try:
                 events = ep.poll(timeout)
             except InterruptedError:
@@ -436,6 +440,8 @@ class Worker:
                 now = time.monotonic()
                 if now >= self._next_sweep:
                     self._sweep(now)
+            if access is not None and access.pending:
+                access.flush_due(time.monotonic())
 
     def _stop_accepting(self) -> None:
         """Leave the listening socket to the other workers (or the next generation).
@@ -754,18 +760,24 @@ class Worker:
             "PATH_INFO", "")
         slot.busy(method, uri)
         send = conn.send
+        access = self.access
+        if access is not None:
+            access.begin()
+            send = access.counting(send)
         keep = conn.parser.keep_conn
         conn.replies = 0
         self._app_enter(conn)
+        code = 499  # nginx's "client closed the request", unless the response went out
         try:
             special = self._own_answer(conn, params)
             if special is not None:
                 status, body, ctype, extra = special
                 simple_response(send, rid, status, body, ctype, extra)
+                code = int(status[:3])
             else:
                 environ = self.environ.build(params, conn.body.stream())  # type: ignore
-                run_app(self.app, environ, send, rid, self.errors, self._log_exception,
-                        conn.check_abort)
+                code = run_app(self.app, environ, send, rid, self.errors,
+                               self._log_exception, conn.check_abort)
         except RequestAborted as exc:
             self._app_exit()
             # Stop the output and end the request; the connection stays usable.
@@ -775,6 +787,8 @@ class Worker:
                 send(protocol.end_of_request(rid, 0))
             except ClientGone:
                 slot.idle()
+                if access is not None:
+                    access.end(params, uri, code)
                 self._request_done(conn)
                 self._close(conn)
                 return False
@@ -783,6 +797,8 @@ class Worker:
             log.info("%s %s: %s (client abort?)", method, uri[:200], exc)
             self.errors.reset()
             slot.idle()
+            if access is not None:
+                access.end(params, uri, code)
             self._request_done(conn)
             self._close(conn)
             self.served += 1
@@ -790,6 +806,8 @@ class Worker:
             return False
         self._app_exit()
         slot.idle()
+        if access is not None:
+            access.end(params, uri, code)
         conn.parser.request_done()
         conn.request_id = 0
         conn.params = conn.body = None
@@ -901,6 +919,8 @@ class Worker:
                 log.warning("closing a connection with an unfinished request at exit")
             self._close(conn)
         self.slot.set_state(WorkerState.STOPPING)
+        if self.access is not None:
+            self.access.close()
 
     # -- hand-off of idle connections to sibling workers (see handoff.py) ----------------
 

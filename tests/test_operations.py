@@ -337,13 +337,13 @@ def test_status_page_text_json_openmetrics_and_ping(make_manager: MakeManager,
     assert om.text.endswith("# EOF\n")
     families = {f.name: f for f in parser.text_string_to_metric_families(om.text)}
     assert families and all(name.startswith("fcgi_manager_") for name in families)
-    accepted = families["fcgi_manager_accepted"]
-    assert accepted.type == "counter"
-    assert accepted.samples[0].value >= 8
+    requests = families["fcgi_manager_requests"]
+    assert requests.type == "counter"
+    assert requests.samples[0].value >= 8
     workers = families["fcgi_manager_workers"]
-    assert workers.type == "gauge" and workers.samples[0].value == 2
-    per_worker = {s.labels["pid"] for s in families["fcgi_manager_worker_requests"].samples}
-    assert per_worker == {str(p) for p in m.worker_pids()}
+    assert workers.type == "gauge" and sum(s.value for s in workers.samples) == 2
+    per_worker = {s.labels["id"] for s in families["fcgi_manager_worker_requests"].samples}
+    assert per_worker == {str(w["id"]) for w in m.status()["workers"]}
 
 
 def test_check_good_app(make_manager: MakeManager) -> None:
