@@ -172,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     _pidfile_option(reload)
     st = _subparser(sub, "status")
     st.add_argument("--json", action="store_true", help="one JSON object")
-    st.add_argument("--watch", action="store_true", help="refresh every second, like top")
+    st.add_argument("--watch", action="store_true",
+                    help="live view (q quits); piped: one snapshot per interval")
+    st.add_argument("--interval", "-n", type=float, default=1.0, metavar="SECONDS",
+                    help="--watch: seconds between refreshes (default 1)")
     st.add_argument("--all", action="store_true",
                     help="every master this user can reach (name, pid, bind, workers, busy, "
                          "generation, config)")
@@ -655,27 +658,44 @@ def cmd_status(args: argparse.Namespace) -> int:
     except FcgiManagerError as exc:
         _print_error(exc)
         return LSB_UNKNOWN
-    while True:
-        try:
-            data = control.call(tgt.control, "status", timeout=5.0)
-        except ControlError as exc:
-            if tgt.config_error is not None and _master_pid(tgt.pidfile) is None:
-                _not_found(tgt)
-                return LSB_UNKNOWN
-            _warn_broken(tgt)
-            return _status_without_master(tgt.pidfile, exc, args.json)
+    if args.watch:
+        return _watch(tgt, args)
+    try:
+        data = control.call(tgt.control, "status", timeout=5.0)
+    except ControlError as exc:
+        if tgt.config_error is not None and _master_pid(tgt.pidfile) is None:
+            _not_found(tgt)
+            return LSB_UNKNOWN
         _warn_broken(tgt)
-        tgt.config_error = None  # warned once, not at every --watch refresh
-        if args.json:
-            print(status_mod.render_json(data), end="")
-        elif args.watch:
-            sys.stdout.write("\033[H\033[2J" + status_mod.render_text(data))
-            sys.stdout.flush()
-        else:
-            print(status_mod.render_text(data), end="")
-        if not args.watch:
-            return LSB_RUNNING
-        time.sleep(1.0)
+        return _status_without_master(tgt.pidfile, exc, args.json)
+    _warn_broken(tgt)
+    if args.json:
+        print(status_mod.render_json(data), end="")
+    else:
+        print(status_mod.render_text(data), end="")
+    return LSB_RUNNING
+
+
+def _watch(tgt: target.Target, args: argparse.Namespace) -> int:
+    """``status --watch``: curses on a terminal, snapshots when piped (see watch.py)."""
+    from . import watch
+
+    if not args.interval > 0:
+        print("Error: --interval must be more than 0 seconds", file=sys.stderr)
+        return EXIT_USAGE
+
+    def fetch() -> Dict[str, Any]:
+        return control.call(tgt.control, "status", timeout=5.0)
+
+    if tgt.config_error is not None:
+        if _master_pid(tgt.pidfile) is None:
+            _not_found(tgt)
+            return LSB_UNKNOWN
+        _warn_broken(tgt)  # before the view takes the screen
+    try:
+        return watch.run(fetch, args.interval, args.json)
+    except ControlError as exc:  # piped, and no master (any more)
+        return _status_without_master(tgt.pidfile, exc, args.json)
 
 
 def _status_without_master(pidfile: str, exc: ControlError, as_json: bool) -> int:
