@@ -54,6 +54,12 @@ FILE_MODE = 0o640
 DEFAULT_FORMAT = ('%(h)s - - [%(t)s] "%(r)s" %(s)s %(b)s %(duration_ms)sms worker=%(w)s '
                   'rss=%(rss_mib)sMiB cpu=%(cpu_ms)sms')
 
+_DEFAULT_LINE = '%s - - [%s] "%s" %d %s %.3fms worker=%d rss=%sMiB cpu=%.3fms\n'
+_JSON_LINE = ('{"ts": "%s.%03d%s", "level": "info", "pid": %d, "worker": %d, '
+              '"event": "request", "remote_addr": %s, "method": %s, "uri": %s, '
+              '"protocol": %s, "status": %d, "bytes": %d, "duration_ms": %.3f, '
+              '"rss_bytes": %d, "cpu_ms": %.3f, "referer": %s, "user_agent": %s}\n')
+
 ATOMS = {
     "h": "remote address",
     "t": "time, [25/Nov/2026:12:00:00 +0000]",
@@ -250,12 +256,13 @@ class AccessLog:
 
     def _default_line(self, params: Dict[str, str], uri: str, status: int, nbytes: int,
                       duration: float, cpu: float) -> str:
-        """:data:`DEFAULT_FORMAT`, written out: three times faster than ``%`` on a dict."""
+        """:data:`DEFAULT_FORMAT`, as one ``%`` on a tuple: a third of the cost of ``%`` on
+        a dict of atoms."""
         get = params.get
         request = f"{get('REQUEST_METHOD', '-')} {uri} {get('SERVER_PROTOCOL', '-')}"
-        return (f'{_escape(get("REMOTE_ADDR", "-"))} - - [{self._time_text}] '
-                f'"{_escape(request)}" {status} {nbytes or "-"} {duration * 1000:.3f}ms '
-                f"worker={self.worker_id} rss={self._rss_mib}MiB cpu={cpu * 1000:.3f}ms\n")
+        return _DEFAULT_LINE % (_escape(get("REMOTE_ADDR", "-")), self._time_text,
+                                _escape(request), status, nbytes or "-", duration * 1000,
+                                self.worker_id, self._rss_mib, cpu * 1000)
 
     def _custom_line(self, params: Dict[str, str], uri: str, status: int, nbytes: int,
                      duration: float, cpu: float) -> str:
@@ -277,19 +284,15 @@ class AccessLog:
 
     def _json_line(self, params: Dict[str, str], uri: str, status: int, nbytes: int,
                    duration: float, cpu: float) -> str:
-        """One JSON object, written out (``json.dumps`` of a dict costs twice as much);
-        strings go through json's own C escaper."""
+        """One JSON object as one ``%`` on a tuple (``json.dumps`` of a dict costs twice as
+        much); strings go through json's own C escaper."""
         get = params.get
         ms = int((time.time() - self._sec) * 1000) % 1000
-        return (f'{{"ts": "{self._iso_prefix}.{ms:03d}{self._iso_offset}", "level": "info", '
-                f'"pid": {self.pid}, "worker": {self.worker_id}, "event": "request", '
-                f'"remote_addr": {_json_str(get("REMOTE_ADDR"))}, '
-                f'"method": {_json_str(get("REQUEST_METHOD"))}, "uri": {_json_str(uri)}, '
-                f'"protocol": {_json_str(get("SERVER_PROTOCOL"))}, "status": {status}, '
-                f'"bytes": {nbytes}, "duration_ms": {duration * 1000:.3f}, '
-                f'"rss_bytes": {self.rss}, "cpu_ms": {cpu * 1000:.3f}, '
-                f'"referer": {_json_str(get("HTTP_REFERER"))}, '
-                f'"user_agent": {_json_str(get("HTTP_USER_AGENT"))}}}\n')
+        return _JSON_LINE % (
+            self._iso_prefix, ms, self._iso_offset, self.pid, self.worker_id,
+            _json_str(get("REMOTE_ADDR")), _json_str(get("REQUEST_METHOD")), _json_str(uri),
+            _json_str(get("SERVER_PROTOCOL")), status, nbytes, duration * 1000, self.rss,
+            cpu * 1000, _json_str(get("HTTP_REFERER")), _json_str(get("HTTP_USER_AGENT")))
 
     # -- writing ----------------------------------------------------------------------------
 

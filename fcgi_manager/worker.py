@@ -440,8 +440,8 @@ class Worker:
                 now = time.monotonic()
                 if now >= self._next_sweep:
                     self._sweep(now)
-            if access is not None and access.pending:
-                access.flush_due(time.monotonic())
+            if not events and access is not None and access.pending:
+                access.flush_due(time.monotonic())  # idle: write what waits (busy: end() does)
 
     def _stop_accepting(self) -> None:
         """Leave the listening socket to the other workers (or the next generation).
