@@ -133,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 order = variants[rep % len(variants):] + variants[:rep % len(variants)]
                 for variant in order:
                     samples += run_variant(args, tools, registry, tmp, port, variant,
-                                           roots[variant], rep)
+                                           roots[variant], rep, ng)
         finally:
             registry.stop_all()
     report = render(samples, args, load, os.getloadavg())
@@ -149,7 +149,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def run_variant(args: argparse.Namespace, tools: Dict[str, str], registry: ProcessRegistry,
-                tmp: Path, port: int, variant: str, root: Path, rep: int) -> List[Dict]:
+                tmp: Path, port: int, variant: str, root: Path, rep: int,
+                ng: Child) -> List[Dict]:
     conf = write_config(tmp, variant)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(BENCH_DIR)]))
     child = registry.start(variant, [sys.executable, "-m", "fcgi_manager", "-c", str(conf),
@@ -163,14 +164,16 @@ def run_variant(args: argparse.Namespace, tools: Dict[str, str], registry: Proce
         wrk.run(registry, tools["wrk"], f"http://127.0.0.1:{port}/{variant}/off/hello",
                 args.connections, 1.0, 5.0, tmp / "wrk.out")  # warm-up, not recorded
         for mode in ("off", "on"):
-            before = cpu_seconds(child)
+            before, nginx_before = cpu_seconds(child), cpu_seconds(ng)
             result = wrk.run(registry, tools["wrk"],
                              f"http://127.0.0.1:{port}/{variant}/{mode}/hello",
                              args.connections, args.duration, 5.0, tmp / "wrk.out")
             cpu = cpu_seconds(child) - before
+            nginx_cpu = cpu_seconds(ng) - nginx_before
             sample = {"variant": variant, "keep_conn": mode, "rep": rep,
                       "rps": result.rps, "p99_ms": result.p99_ms, "errors": result.errors,
-                      "cpu_us_per_request": cpu * 1e6 / max(1, result.requests)}
+                      "cpu_us_per_request": cpu * 1e6 / max(1, result.requests),
+                      "nginx_cpu_us_per_request": nginx_cpu * 1e6 / max(1, result.requests)}
             print(json.dumps(sample), flush=True)
             out.append(sample)
     finally:
@@ -189,21 +192,30 @@ def render(samples: List[Dict], args: argparse.Namespace, load_start, load_end) 
              f"x {args.reps} repetition(s), order rotated; load average "
              f"{load_start[0]:.2f} -> {load_end[0]:.2f}."
              + (f" `before` = {args.baseline}." if args.baseline else ""), "",
-             "| variant | keep-conn | rps (median) | vs off | server CPU µs/request | "
-             "errors |", "|---|---|---|---|---|---|"]
+             "| variant | keep-conn | rps (median) | vs off | p99 ms | fcgi-manager CPU "
+             "µs/request | vs off | nginx CPU µs/request | errors |",
+             "|---|---|---|---|---|---|---|---|---|"]
     med: Dict[tuple, float] = {}
     for s in samples:
         med.setdefault((s["variant"], s["keep_conn"]), [])  # type: ignore[arg-type]
     for key in med:
         rows = [s for s in samples if (s["variant"], s["keep_conn"]) == key]
         med[key] = statistics.median(s["rps"] for s in rows)
-    for (variant, mode), rps in med.items():
-        rows = [s for s in samples if (s["variant"], s["keep_conn"]) == (variant, mode)]
-        cpu = statistics.median(s["cpu_us_per_request"] for s in rows)
+    def median_of(variant: str, mode: str, field: str) -> float:
+        return statistics.median(s[field] for s in samples
+                                 if (s["variant"], s["keep_conn"]) == (variant, mode))
+
+    for (variant, mode), rps in sorted(med.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        cpu = median_of(variant, mode, "cpu_us_per_request")
         base = med.get(("off", mode))
         ratio = f"{(rps / base - 1) * 100:+.1f} %" if base else "-"
-        errors = sum(s["errors"] for s in rows)
-        lines.append(f"| {variant} | {mode} | {rps:,.0f} | {ratio} | {cpu:.0f} | {errors} |")
+        base_cpu = median_of("off", mode, "cpu_us_per_request") if base else 0.0
+        cpu_ratio = f"{(cpu / base_cpu - 1) * 100:+.1f} %" if base_cpu else "-"
+        errors = sum(s["errors"] for s in samples
+                     if (s["variant"], s["keep_conn"]) == (variant, mode))
+        lines.append(f"| {variant} | {mode} | {rps:,.0f} | {ratio} | "
+                     f"{median_of(variant, mode, 'p99_ms'):.1f} | {cpu:.1f} | {cpu_ratio} | "
+                     f"{median_of(variant, mode, 'nginx_cpu_us_per_request'):.1f} | {errors} |")
     return "\n".join(lines) + "\n"
 
 
