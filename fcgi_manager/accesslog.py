@@ -39,16 +39,17 @@ import logging
 import os
 import resource
 import sys
+import threading
 import time
 from json.encoder import encode_basestring as _encode_json_string
 from typing import Any, Callable, Dict, List, Optional
+
+from . import fsafe
 
 log = logging.getLogger("fcgi_manager.worker")
 
 FLUSH_BYTES = 32 * 1024
 FLUSH_AFTER = 1.0  # seconds a line may wait in the buffer
-OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | \
-    getattr(os, "O_CLOEXEC", 0)
 FILE_MODE = 0o640
 
 DEFAULT_FORMAT = ('%(h)s - - [%(t)s] "%(r)s" %(s)s %(b)s %(duration_ms)sms worker=%(w)s '
@@ -177,6 +178,7 @@ class AccessLog:
         self.pending = False
         self.flush_at = 0.0
         self._failed = False
+        self.lock: Optional[threading.Lock] = None  # set when app threads share this log
         # Refreshed once a second (see _tick): the time stamps and the RSS.
         self._next_tick = 0.0
         self._sec = 0
@@ -224,10 +226,14 @@ class AccessLog:
         now = _monotonic()
         r = _getrusage(_RUSAGE)
         cpu = r.ru_utime + r.ru_stime
+        self._record(now, params, uri, status, self.nbytes, now - self._t0, cpu - self._cpu0)
+        self._cpu0 = cpu
+
+    def _record(self, now: float, params: Dict[str, str], uri: str, status: int,
+                nbytes: int, duration: float, cpu: float) -> None:
         if now >= self._next_tick:
             self._tick(now)
-        line = self._line(params, uri, status, self.nbytes, now - self._t0, cpu - self._cpu0)
-        self._cpu0 = cpu
+        line = self._line(params, uri, status, nbytes, duration, cpu)
         self.buf.append(line)
         self.buf_len += len(line)
         if not self.pending:
@@ -299,7 +305,18 @@ class AccessLog:
     def flush_due(self, now: float) -> None:
         """From the worker's loop: write lines that have waited long enough."""
         if self.pending and now >= self.flush_at:
-            self.flush()
+            if self.lock is None:
+                self.flush()
+            else:
+                with self.lock:
+                    self.flush()
+
+    def thread_meter(self) -> ThreadMeter:
+        """A meter for one app thread of a threaded worker (``workers.threads`` > 1):
+        each thread measures its own requests; the lines meet in this log under a lock."""
+        if self.lock is None:
+            self.lock = threading.Lock()
+        return ThreadMeter(self)
 
     def flush(self) -> None:
         if self._log_epoch() != self.epoch:
@@ -328,7 +345,7 @@ class AccessLog:
             self.fd = _stderr_fd if _stderr_fd >= 0 else 2
             return
         try:
-            fd = os.open(self.path, OPEN_FLAGS, FILE_MODE)
+            fd = fsafe.open_append(self.path, FILE_MODE)
         except OSError as exc:
             log.error("cannot open the access log %s: %s (check that manager.user may write "
                       "it)", self.path, exc.strerror or exc)
@@ -339,13 +356,56 @@ class AccessLog:
 
     def close(self) -> None:
         if self.pending:
-            self.flush()
+            if self.lock is None:
+                self.flush()
+            else:
+                with self.lock:
+                    self.flush()
         if self.fd >= 0 and self.fd not in (_stderr_fd, 2):
             os.close(self.fd)
         self.fd = -1
         if self._statm >= 0:
             os.close(self._statm)
             self._statm = -1
+
+
+class ThreadMeter:
+    """:meth:`AccessLog.begin`/:meth:`~AccessLog.counting`/:meth:`~AccessLog.end` for
+    one app thread: the measuring state is the thread's own (its CPU clock is
+    ``RUSAGE_THREAD``), the line goes into the shared log under its lock."""
+
+    __slots__ = ("log", "_t0", "_cpu0", "nbytes", "_send")
+
+    def __init__(self, access_log: AccessLog) -> None:
+        self.log = access_log
+        self._t0 = 0.0
+        self._cpu0 = -1.0
+        self.nbytes = 0
+        self._send: Callable[[bytes], None] = _nowhere
+
+    def begin(self) -> None:
+        self._t0 = _monotonic()
+        self.nbytes = 0
+        if self._cpu0 < 0:
+            r = _getrusage(_RUSAGE)
+            self._cpu0 = r.ru_utime + r.ru_stime
+
+    def counting(self, send: Callable[[bytes], None]) -> Callable[[bytes], None]:
+        self._send = send
+        return self._counting_send
+
+    def _counting_send(self, data: bytes) -> None:
+        self.nbytes += len(data)
+        self._send(data)
+
+    def end(self, params: Dict[str, str], uri: str, status: int) -> None:
+        now = _monotonic()
+        r = _getrusage(_RUSAGE)
+        cpu = r.ru_utime + r.ru_stime
+        with self.log.lock:  # type: ignore[union-attr]
+            self.log._record(now, params, uri, status, self.nbytes, now - self._t0,
+                             cpu - self._cpu0)
+        self._cpu0 = cpu
 
 
 def _json_str(value: Optional[str]) -> str:
@@ -382,7 +442,7 @@ def prepare_master(cfg: Any, uid: Optional[int] = None, gid: Optional[int] = Non
             except (OSError, ValueError):
                 _stderr_fd = -1
         return
-    fd = os.open(path, OPEN_FLAGS, FILE_MODE)
+    fd = fsafe.open_append(path, FILE_MODE)  # never through a link someone else made
     try:
         if os.geteuid() == 0 and uid is not None:
             os.fchown(fd, uid, -1 if gid is None else gid)

@@ -382,6 +382,8 @@ def _check_directories(cfg: config_mod.Config, log_path: str) -> None:
     paths = [("manager.pidfile", cfg.manager.pidfile), ("manager.control", cfg.manager.control)]
     if log_path not in ("", "-"):
         paths.append(("manager.log", log_path))
+    if cfg.manager.access_log not in ("", "-"):
+        paths.append(("manager.access_log", cfg.manager.access_log))
     address = parse_address(cfg.listen.bind)
     if address.kind == "unix":
         paths.append(("listen.bind", address.path))

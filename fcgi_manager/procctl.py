@@ -1,4 +1,4 @@
-"""Linux process controls (``prctl``): parent-death signal and child subreaper.
+"""Linux process controls (``prctl``): parent-death signal, child subreaper, name.
 
 Loaded when the master starts, before anything forks or drops privileges: after the drop
 the interpreter's own library directory may not be readable by ``manager.user``, and a
@@ -12,7 +12,9 @@ import sys
 from typing import Any, Optional
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
+COMM_MAX = 15  # the kernel's TASK_COMM_LEN (16) minus the NUL
 
 
 def _load_libc() -> Optional[Any]:
@@ -43,3 +45,12 @@ def set_child_subreaper() -> bool:
     if _LIBC is None:
         return False
     return _LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def set_name(name: str) -> bool:
+    """Set ``/proc/self/comm`` (what ``top`` shows), cut to 15 bytes. True if set."""
+    if _LIBC is None:
+        return False
+    import ctypes  # already loaded by _load_libc
+
+    return _LIBC.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:COMM_MAX]), 0, 0, 0) == 0

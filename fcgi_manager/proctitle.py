@@ -3,7 +3,8 @@
 Two names per process:
 
 * ``/proc/PID/comm`` (what ``top`` and ``ps -o comm`` show, 15 bytes at most), set with
-  ``prctl(PR_SET_NAME)`` through libc, always: ``fcgi-mgr master``, ``fcgi-worker 3``.
+  ``prctl(PR_SET_NAME)`` (procctl), always: ``fcgi-mgr master``, ``fcgi-worker 3``
+  (and ``fcgi-mgr zygote`` for the child that imports the app for preload as root).
 * ``/proc/PID/cmdline`` (what ``ps aux`` shows), the full title
   ``fcgi-manager: master [NAME] (CONFIG)`` or ``fcgi-manager: worker 3 [NAME]``, only when
   the optional ``setproctitle`` package is importable (``pip install
@@ -15,26 +16,11 @@ Nothing here runs per request; a failure to set a title is ignored.
 
 from __future__ import annotations
 
-import ctypes
 import sys
-from typing import Any, Optional
+from typing import Any
 
-COMM_MAX = 15  # the kernel's TASK_COMM_LEN (16) minus the NUL
-PR_SET_NAME = 15
-
-_libc: Optional[Any] = None
-
-
-def _prctl_set_name(name: str) -> bool:
-    global _libc
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-        return _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:COMM_MAX]), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
+from .procctl import COMM_MAX
+from .procctl import set_name as _prctl_set_name
 
 
 def _set_cmdline(title: str) -> bool:
@@ -77,6 +63,12 @@ def set_worker(worker_id: int, name: str) -> None:
     """Name a worker, right after the fork: ``fcgi-manager: worker ID [NAME]``."""
     _set_cmdline(worker_title(worker_id, name))
     _prctl_set_name(worker_comm(worker_id))
+
+
+def set_zygote(name: str) -> None:
+    """Name the child that imports the app for preload as root and forks the workers."""
+    _set_cmdline("fcgi-manager: zygote" + (f" [{name}]" if name else ""))
+    _prctl_set_name("fcgi-mgr zygote")
 
 
 def title_name(cfg: Any) -> str:

@@ -46,7 +46,7 @@ import threading
 import time
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
-from . import protocol
+from . import accesslog, protocol
 from .scoreboard import Scoreboard, ThreadSlotWriter
 from .worker import EXIT_OK, IDLE_CONN_TIMEOUT, Conn, Worker
 from .wsgi import (
@@ -99,6 +99,8 @@ class ThreadedWorker(Worker):
         self._shed_lock = threading.Lock()
         self._wake_sent = False  # a byte is in the done pipe that the main thread has not read
         self._backlog_turn = False
+        self._meters = [self.access.thread_meter() for _ in thread_slots] \
+            if self.access is not None else []
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -144,10 +146,14 @@ class ThreadedWorker(Worker):
                     return
             timeout = (0.1 if self.stopping else 1.0) if (
                 conns or self.stopping or self._resume_accept_at) else -1
+            if timeout < 0 and self.access is not None:
+                timeout = accesslog.FLUSH_AFTER  # app threads may leave lines to write
             try:
                 events = ep.poll(timeout)
             except InterruptedError:
                 continue
+            if not events and self.access is not None:
+                self.access.flush_due(time.monotonic())
             for fd, _ev in events:
                 if fd == listen_fd:
                     if self._accepting:
@@ -334,17 +340,23 @@ class ThreadedWorker(Worker):
         slot = state.slot
         slot.busy(method, uri)
         send = conn.send
+        meter = self._meters[state.index] if self._meters else None
+        if meter is not None:
+            meter.begin()
+            send = meter.counting(send)
         outcome = KEEP
         conn.replies = 0
+        code = 499  # nginx's "client closed the request", unless the response went out
         try:
             special = self._own_answer(conn, params)
             if special is not None:
                 status, body, ctype, extra = special
                 simple_response(send, rid, status, body, ctype, extra)
+                code = int(status[:3])
             else:
                 environ = state.environ.build(params, conn.body.stream())  # type: ignore
-                run_app(self.app, environ, send, rid, state.errors, self._log_exception,
-                        conn.check_abort)
+                code = run_app(self.app, environ, send, rid, state.errors,
+                               self._log_exception, conn.check_abort)
         except RequestAborted as exc:
             log.info("%s %s: %s", method, uri[:200], exc)
             state.errors.reset()
@@ -357,6 +369,8 @@ class ThreadedWorker(Worker):
             state.errors.reset()
             outcome = CLOSE_SERVED
         slot.idle()
+        if meter is not None:
+            meter.end(params, uri, code)
         conn.parser.request_done()
         conn.request_id = 0
         conn.params = conn.body = None

@@ -89,6 +89,26 @@ def test_access_log_lines_through_nginx_and_reopen(make_manager: MakeManager,
     wait_lines(access, "/after-usr1")
 
 
+def test_access_log_with_threads(make_manager: MakeManager) -> None:
+    """``workers.threads``: each app thread measures its own requests (its own CPU clock),
+    the lines meet in one file, and the main loop writes them once traffic stops."""
+    m = make_manager(count=1, workers={"threads": 4},
+                     manager={"access_log": "access.jsonl", "log_format": "json"})
+    access = m.tmp / "access.jsonl"
+    m.start()
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda i: fcgi_request(m.bind, f"/sleep?s=0.3&n={i}"),
+                                range(8)))
+    assert all(r.status.startswith("200") for r in replies)
+    entries = wait_for(lambda: [json.loads(x) for x in lines_of(access)]
+                       if len(lines_of(access)) >= 8 else None, 10, "8 access lines")
+    assert sorted(e["uri"] for e in entries) == sorted(f"/sleep?s=0.3&n={i}"
+                                                       for i in range(8))
+    for e in entries:
+        assert e["status"] == 200 and e["worker"] == 1 and e["duration_ms"] >= 300
+        assert e["cpu_ms"] < e["duration_ms"] / 2  # it slept: this thread's CPU, not all's
+
+
 def test_access_format_and_escaping(make_manager: MakeManager) -> None:
     """``access_format`` picks the atoms; request data cannot forge a line."""
     access = Path("access.log")
