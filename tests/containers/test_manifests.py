@@ -172,7 +172,8 @@ def _adapter_rule() -> Dict[str, Any]:
 
 
 def test_the_adapter_rule_selects_busy_workers() -> None:
-    """The rule reads the series SPEC names: fcgi_manager_workers{state="busy"}, per pod."""
+    """The rule reads the series SPEC names: fcgi_manager_workers{state="busy"}, per pod
+    (tests/containers/test_rollout.py checks a running pod's /metrics against it)."""
     rule = _adapter_rule()
     series = re.fullmatch(r"(\w+)\{(.*)\}", rule["seriesQuery"])
     assert series, rule["seriesQuery"]

@@ -29,6 +29,7 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import psutil
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from support import (
     GiveUp,
     free_port,
@@ -314,3 +315,21 @@ def test_a_rollout_loses_no_request(image_root: Path,
     log = a.app.text()
     assert "draining: the ping path answers 503" in log and "master stopped" in log, log
 
+
+def test_metrics_feed_the_autoscaler_rule(image_root: Path,
+                                          pods: Dict[str, Union[Pod, Service]]) -> None:
+    """nginx's metrics port serves the OpenMetrics page, with the series the
+    prometheus-adapter rule selects (fcgi_manager_workers{state="busy"})."""
+    pod = Pod("m", image_root)
+    pods["m"] = pod
+    pod.start()
+    status, body = pod.get("/metrics", port=pod.metrics_port)
+    assert status == 200, body
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    samples = {tuple(sorted(s.labels.items())): s.value
+               for s in families["fcgi_manager_workers"].samples}
+    assert (("state", "busy"),) in samples, samples
+    assert samples[(("state", "busy"),)] >= 1, "the worker answering counts itself busy"
+    assert sum(samples.values()) == pod.workers
+    # The page is not public: the Service's port answers 404 for it.
+    assert pod.get("/fcgi-status?openmetrics")[0] == 404
