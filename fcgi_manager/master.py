@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Set
 
 import psutil
 
-from . import accesslog, control, daemon, fdutil, logs, notify, proctitle, sockets
+from . import accesslog, control, daemon, execsig, fdutil, logs, notify, proctitle, sockets
 from . import status as status_mod
 from . import supervisor as sv
 from .appload import load_app, prepare_import
@@ -167,6 +167,10 @@ class Master:
         cfg = self.cfg
         _stop_signals_end_the_start()
         self.resumed = take_state()
+        if self.resumed is not None:  # signals held across the exec: queue them for the loop
+            for sig in HANDLED_SIGNALS:
+                signal.signal(sig, self._queue_signal)
+            execsig.release(HANDLED_SIGNALS)
         if self.resumed is None:
             self.listener = sockets.create_listener(self.address, cfg.listen.backlog,
                                                     cfg.listen.mode, cfg.listen.owner,
@@ -800,9 +804,11 @@ class Master:
         log.info("reload: re-executing the master with fresh code (pid %d stays)", os.getpid())
         self.log_handler.flush()
         signal.set_wakeup_fd(-1)
+        execsig.hold(HANDLED_SIGNALS, self.signals)
         try:
             os.execve(sys.executable, [sys.executable, *argv[1:]], env)
         except OSError as exc:
+            execsig.release(HANDLED_SIGNALS)
             signal.set_wakeup_fd(self.wakeup_w, warn_on_full_buffer=False)
             close_quietly(state_fd)
             return sv.ReExecFailed(f"{sys.executable}: {exc}", time.monotonic())

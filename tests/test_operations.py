@@ -431,3 +431,25 @@ def test_reload_and_stop_work_from_signals_when_the_control_socket_is_gone(
     assert "stopped" in stop.stdout
     wait_for(lambda: not any(pid_alive(p) for p in pids), 10, "every process to exit")
     assert not m.pidfile.exists()
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.2], ids=["together", "during-re-exec"])
+def test_a_stop_signal_during_a_reload_stops_gracefully(make_manager: MakeManager,
+                                                        tmp_path: Path, gap: float) -> None:
+    """``kill -HUP; kill -TERM`` (a reload, then a stop, as systemd or a deploy script may
+    send them): the TERM that arrives while the master re-executes itself is neither
+    lost nor fatal, so the master stops gracefully, and removes its pidfile and socket."""
+    code = tmp_path / "code"
+    write_app(code, "v1")
+    m = make_manager("reloadable:app", count=1, path=[str(code)])
+    m.start()
+    data = m.status()
+    master = data["pid"]
+    os.kill(master, signal.SIGHUP)
+    if gap:
+        wait_for(lambda: "re-executing" in m.log.read_text(), 20, "the reload's re-exec")
+    os.kill(master, signal.SIGTERM)
+    wait_for(lambda: not pid_alive(master), 30, "the master to stop")
+    assert "master stopped" in m.log.read_text(), m.log.read_text()[-2000:]
+    assert not m.pidfile.exists()
+    assert m.socket_path is not None and not m.socket_path.exists()
