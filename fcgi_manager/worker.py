@@ -283,7 +283,7 @@ class Worker:
         self._next_memory_check = 0.0
         # Hand-off of idle connections to sibling workers (see handoff.py).
         self.handoff = handoff
-        self._handoff_lock: Any = threading.Lock() if handoff is not None else None
+        self._handoff_lock: Any = None  # with the watchdog, once a connection is parked
         self._app_calls = 0
         self._serving: Optional[Conn] = None
         self._released: List[int] = []  # numbers of handed-off fds, now placeholders
@@ -673,6 +673,8 @@ class Worker:
 
     def _park(self, conn: Conn) -> None:
         """Watch ``conn`` for its next bytes (a kept connection, or a request in progress)."""
+        if self._handoff_lock is None and conn.last_used and self.handoff is not None:
+            self._start_watchdog()
         if not conn.registered:
             try:
                 self.epoll.register(conn.fd, _EPOLLIN)
@@ -929,13 +931,23 @@ class Worker:
         return self.handoff.recv_fd if self.handoff is not None else -1
 
     def _start_handoff(self) -> None:
-        """Watch the shared hand-off socket (wake-one) and start the watchdog thread."""
+        """Watch the shared hand-off socket (wake-one); the watchdog thread starts with the
+        first connection this worker parks (:meth:`_start_watchdog`)."""
         assert self.handoff is not None
         self.epoll.register(self.handoff.recv_fd,
                             _EPOLLIN | getattr(select, "EPOLLEXCLUSIVE", 0))
         self._placeholder = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        self._handoff_lock.acquire()  # held by this thread except around the app call
-        Watchdog(self._handoff_lock, lambda: self._app_calls,
+
+    def _start_watchdog(self) -> None:
+        """The first kept connection parked: from now on there are idle connections to hand
+        off while the app runs. Until then -- keep-conn off, where a connection is parked
+        only for the moment its request takes to arrive -- no thread wakes every 5 ms for
+        nothing (measured: 0.3 clock_nanosleep and 0.1 futex per request, and its
+        memory). Called by the main thread outside the app call."""
+        lock = threading.Lock()
+        lock.acquire()  # held by this thread except around the app call
+        self._handoff_lock = lock
+        Watchdog(lock, lambda: self._app_calls,
                  lambda: self._release_idle(self._serving)).start()
 
     def _app_enter(self, conn: Conn) -> None:
