@@ -67,3 +67,21 @@ def make_nginx(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
     yield make
     for nginx in reversed(made):
         nginx.stop()
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start ``test_wsgi.WorkerProcess`` instances (one real worker loop around an app,
+    fed by the test); every one is stopped at teardown."""
+    from test_wsgi import WorkerProcess
+
+    started: List[Any] = []
+
+    def start(app: Callable, **options: Any) -> Any:
+        w = WorkerProcess(tmp_path, app, **options)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop()

@@ -41,20 +41,6 @@ from test_wsgi import WorkerProcess
 from fcgi_manager.wsgi import INTERNAL_ERROR_BODY
 
 
-@pytest.fixture
-def worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    started: List[WorkerProcess] = []
-
-    def start(app: Callable, **options: Any) -> WorkerProcess:
-        w = WorkerProcess(tmp_path, app, **options)
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        w.stop()
-
-
 def hello(environ: Dict[str, Any], start_response: Callable) -> List[bytes]:
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"hello"]

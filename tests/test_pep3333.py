@@ -342,20 +342,6 @@ def test_body_buffer_keeps_its_old_interface() -> None:
 # -- through a real worker ------------------------------------------------------------------
 
 
-@pytest.fixture
-def worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    started: List[WorkerProcess] = []
-
-    def start(app: Callable, **options: Any) -> WorkerProcess:
-        w = WorkerProcess(tmp_path, app, **options)
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        w.stop()
-
-
 def _routes(tmp: Path) -> Callable:
     """An app with one route per response path a WSGI server has."""
     data = tmp / "file.bin"

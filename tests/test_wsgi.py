@@ -702,20 +702,6 @@ class WorkerProcess:
             raise
 
 
-@pytest.fixture
-def worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    started: List[WorkerProcess] = []
-
-    def start(app: Callable, **options: Any) -> WorkerProcess:
-        w = WorkerProcess(tmp_path, app, **options)
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        w.stop()
-
-
 def assert_validator_happy(w: WorkerProcess) -> None:
     log = w.log()
     assert "AssertionError" not in log and "WSGIWarning" not in log, log
