@@ -559,14 +559,9 @@ class Master:
     def _read_output(self, io: WorkerIO, final: bool = False) -> None:
         """Log what the worker wrote, a line at a time; ``final``: all of it, it exited."""
         while io.out_fd >= 0:
-            try:
-                data = os.read(io.out_fd, 65536)
-            except BlockingIOError:
-                if not final:
-                    return
-                data = b""
-            except OSError:
-                data = b""
+            data = _read_pipe(io.out_fd, final)
+            if data is None:
+                return
             if not data:
                 self._unwatch_fd(io.out_fd)
                 io.out_fd = -1
@@ -591,14 +586,9 @@ class Master:
     def _read_notify(self, io: WorkerIO, final: bool = False) -> None:
         """Frames from the notify pipe; ``final``: all of them, the worker exited."""
         while io.notify_fd >= 0:
-            try:
-                data = os.read(io.notify_fd, 65536)
-            except BlockingIOError:
-                if not final:
-                    return
-                data = b""
-            except OSError:
-                data = b""
+            data = _read_pipe(io.notify_fd, final)
+            if data is None:
+                return
             if not data:
                 self._unwatch_fd(io.notify_fd)
                 io.notify_fd = -1
@@ -876,3 +866,15 @@ def _readable(sock: socket.socket) -> bool:
 
 
 __all__ = ["Master"]
+
+
+def _read_pipe(fd: int, final: bool) -> Optional[bytes]:
+    """One read of a worker's pipe: its bytes, ``b""`` at its end (EOF or an error), or
+    None when nothing is waiting now. ``final`` (the worker exited, its writer is gone):
+    an empty pipe counts as the end, so the caller drains what is left and stops."""
+    try:
+        return os.read(fd, 65536)
+    except BlockingIOError:
+        return b"" if final else None
+    except OSError:
+        return b""
