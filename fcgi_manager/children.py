@@ -30,6 +30,7 @@ from . import status as status_mod
 from .appload import load_app, prepare_import, run_post_fork
 from .config import Config
 from .errors import AppImportError, FcgiManagerError, format_error
+from .handoff import Gate
 from .privileges import apply_environment, resolve_user
 from .scoreboard import Scoreboard, SlotWriter
 from .threaded import build_worker
@@ -107,6 +108,7 @@ class WorkerSetup:
     master_pid: int
     client_filter: Any = None  # sockets.ClientFilter, parsed once by the master
     handoff: Any = None  # handoff.HandoffChannel: idle kept connections, worker to worker
+    generation: int = 0  # the generation forked with this setup (and its hand-off channel)
 
 
 def fork_worker(setup: WorkerSetup, slot: int, max_requests: int,
@@ -170,6 +172,9 @@ def _worker_main(setup: WorkerSetup, slot: int, out_w: int, note_w: int, max_req
             os.write(note_w, notify.encode(notify.BOOT_ERROR, text.encode("utf-8", "replace")))
             return EXIT_BOOT_ERROR
     cfg, board = setup.cfg, setup.board
+    if setup.handoff is not None:  # after the drop: our uid is the generation's
+        setup.handoff.gate = Gate(board, setup.generation, os.getuid(), setup.client_filter,
+                                  setup.listener)
 
     def status_page(query: str) -> tuple:
         return status_mod.render_page(status_mod.snapshot(cfg, board), query)
@@ -184,8 +189,9 @@ def _worker_main(setup: WorkerSetup, slot: int, out_w: int, note_w: int, max_req
 
 def start_zygote(setup: WorkerSetup, master: MasterFds, timeout: float) -> Zygote:
     """Import the app in a child that dropped privileges for good and forks the workers
-    (zygote.py): no app code ever runs in the root master. Blocks until the import is
-    done (at start; later only when a zygote died). AppImportError if it fails."""
+    (zygote.py): no app code ever runs in the root master, nor in a re-executed one.
+    Returns at once; the master's selector hears when the import is done (or
+    :meth:`Zygote.wait_ready` waits for it, at the first start)."""
     if not procctl.set_child_subreaper() and os.getpid() != 1:
         raise FcgiManagerError("preload with manager.user needs PR_SET_CHILD_SUBREAPER "
                                "(Linux) to import the app without root",
@@ -202,7 +208,7 @@ def start_zygote(setup: WorkerSetup, master: MasterFds, timeout: float) -> Zygot
     def spawn(slot: int, out_w: int, note_w: int, max_requests: int) -> None:
         _run_child(lambda: _worker_main(setup, slot, out_w, note_w, max_requests, None))
 
-    return Zygote.start(prepare_child, load, spawn, setup.death_r, timeout)
+    return Zygote.start(prepare_child, load, spawn, setup.death_r, timeout, setup.generation)
 
 
 # -- the reload's check -------------------------------------------------------------------

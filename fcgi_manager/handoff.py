@@ -6,12 +6,26 @@ is about to exit. A kept connection that is idle *between* requests can move to 
 process without losing a byte: whatever nginx already wrote stays in the kernel's receive
 buffer and is read by whoever holds the descriptor next.
 
-The master creates one ``SOCK_SEQPACKET`` socket pair before it forks any worker, and
-passes both ends across its re-exec on reload, so every generation shares it. A worker
-that lets go of a connection sends its descriptor as one message on the *send* end and
-forgets it; every worker that can serve watches the *receive* end in its epoll with
+The master creates one ``SOCK_SEQPACKET`` socket pair per generation, before it forks
+that generation's first worker (a reload's new image creates the new generation's after
+its exec, so no process of an older generation ever holds it). A worker that lets go of
+a connection sends its descriptor as one message on the *send* end and forgets it; every
+worker of the generation that can serve watches the *receive* end in its epoll with
 ``EPOLLEXCLUSIVE`` (wake-one, like the listening socket) and takes what arrives.
 ``EAGAIN`` (the queue is full) means: keep the connection and try again later.
+
+What arrives is data from a peer, not from the manager: any process holding the pair (a
+process the app forked, the zygote) can send on it. So the receive end has
+``SO_PASSCRED`` and a worker's :class:`Gate` admits a descriptor only if the kernel's
+credentials name a current worker of the channel's generation (its pid in the scoreboard,
+our uid; or a sender of our uid that has exited since: a worker killed after it let go of
+a connection), and the descriptor is a stream socket of the listener's family, accepted on the
+listener's address (``getsockname``), whose peer (``getpeername``: never the message's
+word) passes ``listen.allowed_clients``. Anything else is closed unread and logged.
+
+When a generation is told to stop (reload) its channel is shut: its workers then close
+their idle kept connections rather than queue them for nobody. When its last worker is
+gone the master drains what is left in the queue (closing it) and closes the pair.
 
 On a full stop nobody is left to take a connection: the master shuts the pair down first
 (:meth:`HandoffChannel.shut`), sends then fail with ``EPIPE``, and stopping workers fall
@@ -29,19 +43,26 @@ from __future__ import annotations
 
 import array
 import errno
+import logging
 import os
 import select
 import socket
+import struct
 import threading
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+log = logging.getLogger("fcgi_manager.handoff")
 
 HANDOFF_AFTER = 0.005  # a request older than this (5-10 ms) lets go of its idle siblings
-MESSAGE_MAX = 512  # one hand-off message: flags and the peer's address as text
+MESSAGE_MAX = 512  # one hand-off message: its flags (a longer one is cut)
 TAKE_BATCH = 8  # connections taken per wakeup: the rest wake another idle worker
 MAX_FDS = 4  # room for descriptors in one message (we send one; more are closed)
 SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 RECV_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
+SO_PASSCRED = getattr(socket, "SO_PASSCRED", 16)
+SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", 2)
 
 FLAG_KEPT = 1  # it served a request already (idle kept), not a fresh connection
 FLAG_SNDTIMEO = 2  # its writes are bounded already: SO_SNDTIMEO set, or non-blocking (worker.Conn)
@@ -62,21 +83,79 @@ class Handed:
         self.flags = flags
 
 
-def encode_peer(peer: Any) -> bytes:
-    """The peer address as text (for log lines only: it was checked when accepted)."""
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}\x00{peer[1]}".encode("utf-8", "replace")
-    return b""
+class Gate:
+    """A worker's check of what the channel brings (see the module docstring): whose it
+    is, and what it is. Set on the worker's channel by the process that forks it."""
+
+    def __init__(self, board: Any, generation: int, uid: int, client_filter: Any,
+                 listener: Optional[socket.socket]) -> None:
+        self.board = board  # scoreboard.Scoreboard: (pid, generation) of every slot
+        self.generation = generation
+        self.uid = uid
+        self.filter = client_filter
+        self.family = listener.family if listener is not None else None
+        self.local = _local_name(listener) if listener is not None else None
+        self.known: Dict[int, int] = {}  # sender pid -> its slot, checked again at each use
+
+    def sender_ok(self, pid: int, uid: int) -> bool:
+        """The kernel's word on the sender: our uid, and a current worker of our
+        generation per the scoreboard (its slot is read again each time)."""
+        if uid != self.uid or pid <= 0:
+            return False
+        board = self.board
+        slot = self.known.get(pid)
+        if slot is not None and board.ident(slot) == (pid, self.generation):
+            return True
+        self.known.pop(pid, None)
+        for slot in range(board.slots):
+            if board.ident(slot) == (pid, self.generation):
+                self.known[pid] = slot
+                return True
+        # A worker killed right after it handed a connection on (its slot is its
+        # replacement's now): the kernel says it had our uid, and it is gone. Any process
+        # still alive that is not a worker -- one the app left behind -- is refused.
+        return _gone(pid)
+
+    def peer_of(self, fd: int) -> Optional[Any]:
+        """The peer of ``fd`` if it is a connection accepted on our listener whose peer the
+        client filter allows; None if it is anything else."""
+        try:
+            sock = socket.socket(fileno=fd)  # reads SO_DOMAIN, SO_TYPE, SO_PROTOCOL
+        except OSError:
+            return None  # not a socket
+        try:
+            if sock.type != socket.SOCK_STREAM or sock.family != self.family:
+                return None
+            peer = sock.getpeername()  # ENOTCONN for a listening or unconnected socket
+            if _local_name(sock) != self.local:
+                return None
+        except OSError:
+            return None
+        finally:
+            sock.detach()
+        if self.filter is not None and not self.filter.allows(peer):
+            return None
+        return peer
 
 
-def decode_peer(data: bytes) -> Any:
-    if b"\x00" not in data:
-        return ""
-    host, _, port = data.decode("utf-8", "replace").partition("\x00")
+def _gone(pid: int) -> bool:
     try:
-        return (host, int(port))
-    except ValueError:
-        return ""
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _local_name(sock: socket.socket) -> Any:
+    """What a connection accepted on ``sock`` shares with it: the port (TCP; the address
+    differs when bound to a wildcard) or the path (unix)."""
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return None
+    return name[1] if isinstance(name, tuple) else name
 
 
 class HandoffChannel:
@@ -86,10 +165,13 @@ class HandoffChannel:
         self.send_sock = send_sock
         self.recv_sock = recv_sock
         self.closed = False
+        self.gate: Optional[Gate] = None  # a worker's: who may send, what may arrive
 
     @classmethod
     def create(cls) -> HandoffChannel:
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # Every message then carries the sender's pid and uid, filled in by the kernel.
+        b.setsockopt(socket.SOL_SOCKET, SO_PASSCRED, 1)
         return cls(a, b)
 
     @classmethod
@@ -115,7 +197,7 @@ class HandoffChannel:
         """
         if self.closed:
             return CLOSED
-        payload = bytes((flags,)) + encode_peer(peer)
+        payload = bytes((flags,))  # no address: the taker asks the kernel (Gate)
         try:
             # Not socket.send_fds: before Python 3.12 it ignores its flags (and blocks).
             self.send_sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
@@ -135,9 +217,10 @@ class HandoffChannel:
         Sets :attr:`closed` when the channel was shut and is empty.
         """
         taken: List[Handed] = []
+        gate = self.gate
         for _ in range(limit):
             try:
-                data, fds = self._receive()
+                data, fds, cred = self._receive()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -152,19 +235,56 @@ class HandoffChannel:
                 _close_quietly(extra)
             if not data:
                 data = b"\x00"
-            taken.append(Handed(fds[0], decode_peer(data[1:]), data[0]))
+            peer: Any = ""
+            if gate is not None:
+                pid, uid = cred
+                if not gate.sender_ok(pid, uid):
+                    log.warning("refused a connection handed on by pid %d (uid %d): not a "
+                                "worker of this generation", pid, uid)
+                    _close_quietly(fds[0])
+                    continue
+                peer = gate.peer_of(fds[0])
+                if peer is None:
+                    log.warning("refused a descriptor handed on by pid %d: not a connection "
+                                "accepted on our socket from an allowed client", pid)
+                    _close_quietly(fds[0])
+                    continue
+            taken.append(Handed(fds[0], peer, data[0]))
         return taken
 
-    def _receive(self) -> Tuple[bytes, List[int]]:
-        """One message and its descriptors, without waiting (not ``socket.recv_fds``:
-        before Python 3.12 it ignores its flags, and would block)."""
+    def _receive(self) -> Tuple[bytes, List[int], Tuple[int, int]]:
+        """One message, its descriptors and its sender's (pid, uid) from the kernel, without
+        waiting (not ``socket.recv_fds``: before Python 3.12 it ignores its flags, and
+        would block). (-1, -1) when no credentials came (a pair without SO_PASSCRED)."""
         fds = array.array("i")
         data, ancdata, _flags, _addr = self.recv_sock.recvmsg(
-            MESSAGE_MAX, socket.CMSG_SPACE(MAX_FDS * fds.itemsize), RECV_FLAGS)
+            MESSAGE_MAX, socket.CMSG_SPACE(MAX_FDS * fds.itemsize)
+            + socket.CMSG_SPACE(UCRED.size), RECV_FLAGS)
+        cred = (-1, -1)
         for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            if level != socket.SOL_SOCKET:
+                continue
+            if kind == socket.SCM_RIGHTS:
                 fds.frombytes(payload[:len(payload) - (len(payload) % fds.itemsize)])
-        return data, list(fds)
+            elif kind == SCM_CREDENTIALS and len(payload) >= UCRED.size:
+                pid, uid, _gid = UCRED.unpack_from(payload)
+                cred = (pid, uid)
+        return data, list(fds), cred
+
+    def drain(self) -> int:
+        """Close every connection still queued (the generation ended: nobody takes them);
+        how many. Never blocks."""
+        closed = 0
+        while True:
+            try:
+                data, fds, _ = self._receive()
+            except OSError:
+                return closed
+            if not data and not fds:
+                return closed
+            for fd in fds:
+                _close_quietly(fd)
+                closed += 1
 
     def is_open(self) -> bool:
         """False once the master shut the channel for a full stop (one poll, no wait)."""
@@ -189,27 +309,6 @@ class HandoffChannel:
     def close(self) -> None:
         self.send_sock.close()
         self.recv_sock.close()
-
-
-def channel_for(threads: int, passed: Optional[List[int]]) -> Optional[HandoffChannel]:
-    """The master's channel: the one a previous image passed across its re-exec (so the
-    old generation hands its connections to the new one), or a new one.
-
-    None for threaded workers (``workers.threads`` > 1), whose loop takes no connection
-    from it; a passed channel is then shut, so that an old single-thread generation
-    closes its idle connections as on a stop instead of handing them to nobody.
-    """
-    adopted = HandoffChannel.from_fds(passed) if passed else None
-    if threads > 1:
-        if adopted is not None:
-            adopted.shut()
-            adopted.close()
-        return None
-    if adopted is not None and adopted.is_open():
-        return adopted
-    if adopted is not None:
-        adopted.close()
-    return HandoffChannel.create()
 
 
 class Watchdog:

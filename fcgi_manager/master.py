@@ -35,7 +35,18 @@ from typing import Any, Callable, Dict, List, Optional, Set
 
 import psutil
 
-from . import accesslog, control, daemon, execsig, fdutil, logs, notify, proctitle, sockets
+from . import (
+    accesslog,
+    control,
+    daemon,
+    execsig,
+    fdutil,
+    kinship,
+    logs,
+    notify,
+    proctitle,
+    sockets,
+)
 from . import status as status_mod
 from . import supervisor as sv
 from .appload import load_app, prepare_import
@@ -51,20 +62,21 @@ from .children import (
 from .config import Config
 from .control_server import ControlConnection, ControlServer
 from .errors import FcgiManagerError
-from .handoff import HandoffChannel, channel_for
+from .handoff import HandoffChannel
 from .privileges import apply_environment, resolve_user
 from .restarts import describe_exit
 from .resume import ResumedWorker, ResumeState, take_state
 from .scoreboard import MAX_SLOTS, Scoreboard
 from .states import WorkerState
 from .version import __version__
-from .zygote import Zygote, new_zygote_wanted
+from .zygote import FAILED, IMPORT_ERROR, READY, SPAWNED, Zygote, new_zygote_wanted
 
 log = logging.getLogger("fcgi_manager.master")
 
 TICK = 0.25
 SAMPLE_EVERY = 2.0  # memory and CPU of every worker (and at each status request)
 MAX_LINE = 16384  # a worker's output line longer than this is logged in pieces
+UNCLAIMED_MAX = 64  # exits of unknown children remembered for a zygote report still due
 SIGNAL_COMMANDS = {
     signal.SIGTERM: ("stop", {}), signal.SIGQUIT: ("stop", {}),
     signal.SIGINT: ("stop", {"now": True}), signal.SIGHUP: ("reload", {}),
@@ -117,7 +129,8 @@ class Master:
                                  strict=os.environ.get("FCGI_MANAGER_STRICT") == "1")
         self.listener: Optional[socket.socket] = None
         self.listener_watched = False
-        self.handoff: Optional[HandoffChannel] = None  # idle kept connections, worker to worker
+        # Idle kept connections, worker to worker: one channel per generation (handoff.py).
+        self.channels: Dict[int, HandoffChannel] = {}
         self.sock_inode = 0
         self.control: Optional[ControlServer] = None
         self.board = Scoreboard(0)  # replaced in prepare()
@@ -134,8 +147,9 @@ class Master:
         self.ready_callback: Optional[Callable[[bool, str], None]] = None
         self.pidfile_fd = -1  # locked by this process while it runs (see daemon.py)
         self.client_filter: Optional[sockets.ClientFilter] = None
-        self.zygote: Optional[Zygote] = None  # preload as root with manager.user
-        self.old_zygote = 0  # the previous image's, reaped without a word
+        self.zygote: Optional[Zygote] = None  # preload as root, or in a re-executed master
+        self.retired_zygotes: Set[int] = set()  # killed or the previous image's: reaped quietly
+        self.unclaimed: Dict[int, int] = {}  # pid -> status: children reaped before reported
         self.exec_env: Dict[str, str] = dict(os.environ)
         self.running = False
         self.next_tick = self.next_sample = 0.0
@@ -176,7 +190,6 @@ class Master:
                                                     cfg.listen.mode, cfg.listen.owner,
                                                     cfg.listen.group)
             self.sock_inode = sockets.socket_file_inode(self.address)
-            self.handoff = channel_for(cfg.workers.threads, None)
         os.umask(cfg.manager.umask)
         # Before app.clear_env empties the environment: the filter never depends on it.
         self.client_filter = sockets.ClientFilter.from_config(cfg.listen.allowed_clients)
@@ -186,7 +199,9 @@ class Master:
             prepare_import(cfg.app.path, cfg.app.chdir)
         self.base_modules = frozenset(sys.modules)
         if cfg.app.preload and not self.app_given and not self._zygote_wanted():
-            self.app = load_app(cfg.app.module)  # not root, or no manager.user
+            # Not root, or no manager.user, and not re-executed by a reload: this is
+            # `start`, which waits for the import anyway; no loop runs yet.
+            self.app = load_app(cfg.app.module)
             gc.collect()
             if hasattr(gc, "freeze"):
                 gc.freeze()  # keep the imported app's pages shared with the workers
@@ -203,8 +218,8 @@ class Master:
             self._adopt_workers(self.resumed)
         self._close_on_exec()
         self._prepare_access_log()
-        if self._zygote_wanted():
-            self._start_zygote()
+        if self._zygote_wanted() and self.resumed is None:
+            self._start_zygote(self.sup.generation).wait_ready()  # `start` waits for it
         self._warn_web_user()
         self._warn_keepalive()
 
@@ -224,18 +239,23 @@ class Master:
             fds.append(self.listener.fileno())
         if self.board.fd is not None:
             fds.append(self.board.fd)
-        if self.handoff is not None:
-            fds += self.handoff.fds()
+        for channel in self.channels.values():
+            fds += channel.fds()
         fds += self._child_fds().fds
         fdutil.set_cloexec(fds)
 
     def _adopt(self, state: ResumeState) -> socket.socket:
         self.listener = socket.socket(fileno=state.listener_fd)
         self.sock_inode = state.sock_inode
-        self.handoff = channel_for(self.cfg.workers.threads, state.handoff_fds)
+        if state.handoff_fds:  # the old generation's: it is shut and closed when it ends
+            old = HandoffChannel.from_fds(state.handoff_fds)
+            if self.cfg.workers.threads > 1:
+                old.shut()  # the new workers take nothing: the old ones close theirs
+            self.channels[state.generation] = old
         self.board = Scoreboard(MAX_SLOTS, fd=state.board_fd)
         self.death_r, self.death_w = state.death_r, state.death_w
-        self.old_zygote = state.zygote_pid  # it exits when we exec'd: reaped
+        if state.zygote_pid:
+            self.retired_zygotes.add(state.zygote_pid)  # it exits now that we exec'd
         self.started_at = state.started_at
         self.sup.totals.update(state.totals)
         self.sup.max_queue = state.max_queue
@@ -320,6 +340,8 @@ class Master:
                 self._read_notify(obj)
             elif kind == "validation":
                 self._read_validation()
+            elif kind == "zygote":
+                self._on_zygote(obj)
         self._handle_signals()
         self._reap()
         now = time.monotonic()
@@ -416,10 +438,7 @@ class Master:
         elif kind is sv.Spawn:
             return self._spawn(action.slot, action.generation)
         elif kind is sv.Signal:
-            try:
-                os.kill(action.pid, action.sig)
-            except ProcessLookupError:
-                pass
+            self._signal(action.pid, action.sig)
         elif kind is sv.MarkStopping:
             self.board.mark_stopping(action.slot)
         elif kind is sv.MarkSlowDumped:
@@ -438,8 +457,8 @@ class Master:
             self._report_ready(action.ok, action.text)
         elif kind is sv.CloseListener:
             self._close_listener()
-            if self.handoff is not None:
-                self.handoff.shut()  # nobody is left to take a kept connection
+            for channel in self.channels.values():
+                channel.shut()  # nobody is left to take a kept connection
         elif kind is sv.SetDraining:
             self.board.set_draining(True)
         elif kind is sv.WatchListener:
@@ -486,11 +505,51 @@ class Master:
             fds.append(self.zygote.sock.fileno())
         return MasterFds(self.selector, fds, self.log_handler)
 
-    def _setup(self) -> WorkerSetup:
+    def _setup(self, generation: int) -> WorkerSetup:
         return WorkerSetup(cfg=self.cfg, app=self.app, listener=self.listener,
                            board=self.board, death_r=self.death_r, user=self.user,
                            master_pid=os.getpid(), client_filter=self.client_filter,
-                           handoff=self.handoff)
+                           handoff=self._channel(generation), generation=generation)
+
+    def _channel(self, generation: int) -> Optional[HandoffChannel]:
+        """The hand-off channel of ``generation``, made before its first worker forks (None
+        for threaded workers, whose loop takes no connection from it)."""
+        if self.cfg.workers.threads > 1:
+            return None
+        channel = self.channels.get(generation)
+        if channel is None:
+            channel = self.channels[generation] = HandoffChannel.create()
+        return channel
+
+    def _retire_channels(self) -> None:
+        """A generation's channel ends with its last worker: drain what is queued (nobody
+        would take it) and close it, so that nothing left behind can use it."""
+        alive = {w.generation for w in self.sup.workers.values()}
+        alive |= {gen for gen, _ in self.sup.pending.values()}
+        for generation in [g for g in self.channels
+                           if g != self.sup.generation and g not in alive]:
+            channel = self.channels.pop(generation)
+            channel.shut()
+            dropped = channel.drain()
+            if dropped:
+                log.info("closed %d kept connection(s) left in generation %d's hand-off "
+                         "channel", dropped, generation)
+            channel.close()
+
+    def _signal(self, pid: int, sig: int) -> None:
+        """Signal a worker (accepted as our own child: kinship.py). Before an older
+        generation's worker is told to stop, its channel is shut: its siblings stop too, so
+        a connection handed on there would wait for nobody; they close them instead."""
+        w = self.sup.workers.get(pid)
+        if w is not None and w.generation != self.sup.generation \
+                and sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGKILL):
+            channel = self.channels.get(w.generation)
+            if channel is not None:
+                channel.shut()
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
     def _max_requests(self) -> int:
         import random
@@ -502,45 +561,124 @@ class Master:
                                  if w.max_requests_jitter else 0)
 
     def _spawn(self, slot: int, generation: int) -> Any:
-        self.board.assign(slot, 0, generation)
+        # Pid -1 until the worker is known: the slot is taken (its thread entries too) but
+        # status shows no worker in it; a zygote's answer may come turns later.
+        self.board.assign(slot, -1, generation)
         if self.cfg.workers.threads > 1:
             self.board.reserve_threads(slot, self.cfg.workers.threads)
         try:
-            if self.zygote is not None or self._zygote_wanted():
-                pid, out_fd, notify_fd = self._fork_from_zygote(slot)
-            else:
-                pid, out_fd, notify_fd = fork_worker(self._setup(), slot, self._max_requests(),
-                                                     self._child_fds())
+            if self._zygote_wanted():
+                self._fork_from_zygote(slot, generation)
+                return None  # its answer comes through the selector (_on_zygote)
+            pid, out_fd, notify_fd = fork_worker(self._setup(generation), slot,
+                                                 self._max_requests(), self._child_fds())
         except (OSError, FcgiManagerError) as exc:
             self.board.clear(slot)
             text = exc.message if isinstance(exc, FcgiManagerError) else str(exc)
             return sv.SpawnFailed(slot, text, time.monotonic())
+        return self._spawned(slot, pid, out_fd, notify_fd)
+
+    def _spawned(self, slot: int, pid: int, out_fd: int, notify_fd: int) -> Any:
         os.set_blocking(out_fd, False)
         os.set_blocking(notify_fd, False)
         self.board.set_pid(slot, pid)
         self._watch(WorkerIO(pid, slot, out_fd, notify_fd))
         return sv.Spawned(slot, pid, time.monotonic())
 
-    # -- the zygote (preload as root with manager.user) --------------------------------------
+    # -- the zygote (preload as root with manager.user, or in a re-executed master) ---------
 
     def _zygote_wanted(self) -> bool:
-        return new_zygote_wanted(self.cfg.app.preload, self.app_given, self.user)
+        """Preload as root with manager.user (no app code as root), or preload in a master
+        re-executed by a reload (its loop must not wait for an import: the next
+        generation's zygote imports while the loop goes on)."""
+        if new_zygote_wanted(self.cfg.app.preload, self.app_given, self.user):
+            return True
+        return self.cfg.app.preload and not self.app_given and self.resumed is not None
 
-    def _start_zygote(self) -> None:
-        if self.zygote is not None:
-            self.zygote.stop()
-        self.zygote = None
-        self.zygote = start_zygote(self._setup(), self._child_fds(), sv.READY_TIMEOUT)
-        log.info("the app is imported in pid %d as %s (workers are forked from it)",
-                 self.zygote.pid, self.cfg.manager.user)
+    def _start_zygote(self, generation: int) -> Zygote:
+        """Fork the zygote of ``generation``; it imports while the loop goes on."""
+        zygote = start_zygote(self._setup(generation), self._child_fds(), sv.READY_TIMEOUT)
+        self.zygote = zygote
+        self.selector.register(zygote.sock, selectors.EVENT_READ, ("zygote", zygote))
+        log.info("importing the app in pid %d as %s (workers are forked from it)",
+                 zygote.pid, self.cfg.manager.user or "the master's user")
+        return zygote
 
-    def _fork_from_zygote(self, slot: int) -> Any:
-        """A worker forked by the zygote, starting a new zygote if the last one died."""
-        if self.zygote is None or not self.zygote.alive:
-            log.warning("the app's zygote is gone: importing the app again in a new one")
-            self._start_zygote()
-        assert self.zygote is not None
-        return self.zygote.spawn(slot, self._max_requests())
+    def _fork_from_zygote(self, slot: int, generation: int) -> None:
+        """Ask the generation's zygote for a worker, starting one if there is none (it
+        died, was replaced, or is of an older generation)."""
+        zygote = self.zygote
+        if zygote is not None and (not zygote.alive or zygote.generation != generation):
+            self._zygote_gone(zygote, "replaced" if zygote.alive else "gone")
+            zygote = None
+        if zygote is None:
+            zygote = self._start_zygote(generation)
+        zygote.request(slot, self._max_requests())
+        if not zygote.alive:
+            self._zygote_gone(zygote, "it stopped answering")
+
+    def _on_zygote(self, zygote: Zygote) -> None:
+        """What the zygote said: ready, its import failed, a worker forked, or not."""
+        for event in zygote.on_readable():
+            if event[0] == READY:
+                log.info("the app is imported in pid %d", zygote.pid)
+            elif event[0] == IMPORT_ERROR:
+                log.error("importing the app in pid %d failed: %s", zygote.pid,
+                          event[1].message)
+            elif event[0] == SPAWNED:
+                self._zygote_spawned(zygote, *event[1:])
+            elif event[0] == FAILED:
+                self.board.clear(event[1])
+                self.feed(sv.SpawnFailed(event[1], str(event[2]), time.monotonic()))
+        if not zygote.alive:
+            self._zygote_gone(zygote, "it exited")
+
+    def _zygote_spawned(self, zygote: Zygote, slot: int, pid: int, out_fd: int,
+                        notify_fd: int) -> None:
+        """The zygote says ``pid`` is the worker for ``slot``: believed only if the kernel
+        agrees (kinship.py). Otherwise the zygote runs code that lies: it is replaced."""
+        expected = self.user.uid if self.user.switching and self.user.uid is not None \
+            else os.geteuid()
+        known = set(self.io) | self.retired_zygotes | {zygote.pid}
+        if self.validation is not None:
+            known.add(self.validation.pid)
+        status = self.unclaimed.pop(pid, None)
+        why = (f"pid {pid} is already one of the master's processes" if pid in known
+               else None if status is not None else kinship.why_not_our_child(pid, expected))
+        if why is not None:
+            close_quietly(out_fd)
+            close_quietly(notify_fd)
+            log.error("the zygote (pid %d) reported pid %d as a new worker, but %s: "
+                      "ignored, and the zygote is replaced", zygote.pid, pid, why)
+            self.board.clear(slot)
+            self.feed(sv.SpawnFailed(slot, f"the zygote reported a process that is not "
+                                           f"its worker ({why})", time.monotonic()))
+            self._zygote_gone(zygote, "it reported a process that is not its worker")
+            return
+        self.feed(self._spawned(slot, pid, out_fd, notify_fd))
+        if status is not None:  # it died before we heard of it: reaped already
+            self._worker_exited(pid, status)
+
+    def _zygote_gone(self, zygote: Zygote, why: str, reaped: bool = False) -> None:
+        """Kill a zygote that died, hung, lied or is of an older generation, without
+        waiting; the slots it still owed a worker fail (the supervisor retries)."""
+        try:
+            self.selector.unregister(zygote.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        pending = zygote.pending_slots() if zygote.alive or zygote.asked or zygote.queued \
+            else []
+        zygote.kill()
+        zygote.asked, zygote.queued = [], []
+        if not reaped:
+            self.retired_zygotes.add(zygote.pid)
+        if self.zygote is zygote:
+            self.zygote = None
+        if pending:
+            log.warning("the app's zygote (pid %d) is replaced: %s", zygote.pid, why)
+        for slot in pending:
+            self.board.clear(slot)
+            self.feed(sv.SpawnFailed(slot, f"the app's zygote {why}", time.monotonic()))
 
     def _watch(self, io: WorkerIO) -> None:
         self.io[io.pid] = io
@@ -616,25 +754,33 @@ class Master:
             if pid in self.cancelled_checks:
                 self.cancelled_checks.discard(pid)
                 continue
-            if pid == self.old_zygote:
-                log.debug("the previous generation's zygote (pid %d) %s", pid,
-                          describe_exit(status))
+            if pid in self.retired_zygotes:
+                self.retired_zygotes.discard(pid)
+                log.debug("a former zygote (pid %d) %s", pid, describe_exit(status))
                 continue
             if self.zygote is not None and pid == self.zygote.pid:
-                self.zygote.alive = False
                 log.warning("the app's zygote (pid %d) %s; a new one imports the app when a "
                             "worker must start", pid, describe_exit(status))
+                self._zygote_gone(self.zygote, describe_exit(status), reaped=True)
                 continue
-            io = self.io.pop(pid, None)
-            requests = shed = 0
-            if io is not None:
-                # What the worker said before it died: its last lines, a boot error.
-                self._read_output(io, final=True)
-                self._read_notify(io, final=True)
-                slot = self.board.read_slot(io.slot)
-                requests, shed = int(slot["requests"]), int(slot["shed"])  # type: ignore
-                self.board.clear(io.slot)
-            self.feed(sv.WorkerExited(pid, status, time.monotonic(), requests, shed))
+            self._worker_exited(pid, status)
+
+    def _worker_exited(self, pid: int, status: int) -> None:
+        io = self.io.pop(pid, None)
+        requests = shed = 0
+        if io is not None:
+            # What the worker said before it died: its last lines, a boot error.
+            self._read_output(io, final=True)
+            self._read_notify(io, final=True)
+            slot = self.board.read_slot(io.slot)
+            requests, shed = int(slot["requests"]), int(slot["shed"])  # type: ignore
+            self.board.clear(io.slot)
+        elif self.zygote is not None and self.zygote.asked:
+            # Maybe a worker the zygote has not reported yet: remember how it ended.
+            self.unclaimed[pid] = status
+            while len(self.unclaimed) > UNCLAIMED_MAX:
+                del self.unclaimed[next(iter(self.unclaimed))]
+        self.feed(sv.WorkerExited(pid, status, time.monotonic(), requests, shed))
 
     # -- the tick -------------------------------------------------------------------------
 
@@ -662,6 +808,9 @@ class Master:
         if now >= self.next_sample:
             self.next_sample = now + SAMPLE_EVERY
             self._sample(now)
+        if self.zygote is not None and self.zygote.expired(now):
+            self._zygote_gone(self.zygote, "did not answer in time (stopped or hung)")
+        self._retire_channels()
         if self.control is not None:
             self.control.sweep(now)
         self._write_header()
@@ -776,7 +925,8 @@ class Master:
             generation=self.sup.generation, totals=dict(self.sup.totals),
             max_queue=self.sup.max_queue, workers=workers,
             zygote_pid=self.zygote.pid if self.zygote is not None else 0,
-            handoff_fds=self.handoff.fds() if self.handoff is not None else None,
+            handoff_fds=self.channels[self.sup.generation].fds()
+            if self.sup.generation in self.channels else None,
             waiter_fds=[c.sock.fileno() for c in self.sup.reload.waiters
                         if c.state == "waiting"], scale=self.sup.scale_state())
         self._write_header()

@@ -161,6 +161,12 @@ class Scoreboard:
         IDENT.pack_into(self.mem, off + IDENT_OFF, pid, generation, time.time())
         self.mem[off + REQ_OFF] = STATE_CODES[WorkerState.STARTING]
 
+    def ident(self, slot: int) -> Tuple[int, int]:
+        """(pid, generation) of ``slot``: who may hand connections on (``handoff.Gate``)."""
+        pid, generation, _ = IDENT.unpack_from(self.mem, HEADER_SIZE + slot * SLOT_SIZE
+                                               + IDENT_OFF)
+        return pid, generation
+
     def set_pid(self, slot: int, pid: int) -> None:
         struct.pack_into("=i", self.mem, HEADER_SIZE + slot * SLOT_SIZE + IDENT_OFF, pid)
 

@@ -40,13 +40,14 @@ import socket
 import struct
 import time
 import traceback
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, List, Tuple
 
 from .errors import AppImportError, FcgiManagerError
 
-SPAWN_TIMEOUT = 10.0
+SPAWN_TIMEOUT = 5.0  # a fork takes milliseconds: past this the zygote is hung or stopped
 MAX_MESSAGE = 262144
 MAX_TRACEBACK = 60000
+READY, IMPORT_ERROR, SPAWNED, FAILED = "ready", "import-error", "spawned", "failed"
 
 
 def _encode(kind: bytes, obj: Any) -> bytes:
@@ -62,25 +63,35 @@ def _decode(data: bytes) -> Tuple[bytes, Any]:
 
 
 class Zygote:
-    """The master's handle on one zygote process."""
+    """The master's handle on one zygote process: a state machine the master's selector
+    drives (:meth:`on_readable`) and its tick times out (:meth:`expired`). Nothing here
+    waits, except :meth:`wait_ready` at the first start, before the loop runs.
 
-    def __init__(self, pid: int, sock: socket.socket) -> None:
+    ``generation`` is the generation whose workers it forks (their hand-off channel was
+    in the setup it was forked with)."""
+
+    def __init__(self, pid: int, sock: socket.socket, generation: int, deadline: float) -> None:
         self.pid = pid
         self.sock = sock
+        self.generation = generation
         self.alive = True
+        self.ready = False
+        self.ready_deadline = deadline  # the import must be done by then
+        self.timeout = max(0.0, deadline - time.monotonic())
+        self.queued: List[Tuple[int, int]] = []  # (slot, max_requests) until it is ready
+        self.asked: List[Tuple[int, float]] = []  # (slot, deadline) sent, in order
 
     # -- in the master ------------------------------------------------------------------
 
     @classmethod
     def start(cls, prepare_child: Callable[[], None], load: Callable[[], Any],
               spawn: Callable[[int, int, int, int], None], watch_fd: int,
-              timeout: float) -> Zygote:
-        """Fork the zygote and wait until it has imported the app.
+              timeout: float, generation: int = 0) -> Zygote:
+        """Fork the zygote; it imports the app while the master goes on.
 
         ``prepare_child`` runs first in the zygote (close what belongs to the master and
         drop privileges for good), ``load`` imports the app there, ``spawn(slot, out_w,
-        note_w, max_requests)`` becomes a worker (never returns). Raises AppImportError
-        with the app's traceback if the import fails."""
+        note_w, max_requests)`` becomes a worker (never returns)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the zygote never returns
@@ -96,51 +107,103 @@ class Zygote:
             finally:
                 os._exit(code)
         theirs.close()
-        zygote = cls(pid, ours)
-        ours.settimeout(timeout)
-        try:
-            data = ours.recv(MAX_MESSAGE)
-        except socket.timeout:
-            zygote.stop()
-            raise FcgiManagerError(f"importing the app took longer than {timeout:.0f} s") \
-                from None
-        except OSError:
-            data = b""
-        kind, body = _decode(data)
-        if kind == b"R":
-            return zygote
-        zygote.stop()
-        if kind == b"E" and isinstance(body, dict):
-            raise AppImportError(str(body.get("message", "")), str(body.get("traceback", "")),
-                                 str(body.get("hint", "")))
-        raise FcgiManagerError("the process importing the app (as manager.user) died "
-                               "before it said whether the import worked",
-                               "see the log for what it printed")
+        ours.setblocking(False)
+        return cls(pid, ours, generation, time.monotonic() + timeout)
 
-    def spawn(self, slot: int, max_requests: int) -> Tuple[int, int, int]:
-        """Have the zygote fork a worker for ``slot``: (pid, out_r, note_r), or raise
-        OSError (and mark the zygote dead) if it cannot."""
-        if not self.alive:
-            raise OSError("the zygote is gone")
+    def wait_ready(self) -> None:
+        """Block until the import is done (the first start only: ``start`` waits for it
+        anyway). Raises AppImportError with the app's traceback if it fails."""
+        while True:
+            left = self.ready_deadline - time.monotonic()
+            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                self.stop()
+                raise FcgiManagerError(f"importing the app took longer than {self.timeout:.0f} s")
+            for event in self.on_readable():
+                if event[0] == READY:
+                    return
+                if event[0] == IMPORT_ERROR:
+                    self.stop()
+                    raise event[1]
+            if not self.alive:
+                self.stop()
+                raise FcgiManagerError("the process importing the app (as manager.user) died "
+                                       "before it said whether the import worked",
+                                       "see the log for what it printed")
+
+    def request(self, slot: int, max_requests: int) -> None:
+        """Ask for a worker for ``slot``: its SPAWNED or FAILED event comes later."""
+        if not self.ready:
+            self.queued.append((slot, max_requests))
+            return
         try:
-            self.sock.settimeout(SPAWN_TIMEOUT)
             self.sock.send(_encode(b"S", {"slot": slot, "max_requests": max_requests}))
-            data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 2)
         except OSError:
             self.alive = False
-            raise
-        kind, body = _decode(data)
-        if kind == b"P" and isinstance(body, dict) and len(fds) == 2:
-            return int(body["pid"]), fds[0], fds[1]
-        for fd in fds:
-            os.close(fd)
-        if not data:
-            self.alive = False
-            raise OSError("the zygote exited")
-        raise OSError(body if isinstance(body, str) else "the zygote could not fork")
+        self.asked.append((slot, time.monotonic() + SPAWN_TIMEOUT))
 
-    def stop(self) -> None:
-        """End the zygote now (it holds no state worth a graceful exit) and reap it."""
+    def on_readable(self) -> List[Tuple[Any, ...]]:
+        """Every message waiting, as events: (READY,), (IMPORT_ERROR, exc),
+        (SPAWNED, slot, pid, out_r, note_r), (FAILED, slot, text). The slot of a reply is
+        the oldest one asked (the zygote answers in order), never what the zygote says.
+        Sets :attr:`alive` False at EOF."""
+        events: List[Tuple[Any, ...]] = []
+        while self.alive:
+            try:
+                data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 2)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                self.alive = False
+                break
+            kind, body = _decode(data)
+            if not self.ready:
+                for fd in fds:
+                    os.close(fd)
+                if kind == b"R":
+                    self.ready = True
+                    events.append((READY,))
+                    queued, self.queued = self.queued, []
+                    for slot, max_requests in queued:
+                        self.request(slot, max_requests)
+                    continue
+                body = body if isinstance(body, dict) else {}
+                events.append((IMPORT_ERROR, AppImportError(
+                    str(body.get("message", "the import failed")),
+                    str(body.get("traceback", "")), str(body.get("hint", "")))))
+                self.alive = False
+                break
+            if not self.asked:  # a reply nobody asked for: the zygote is not to be trusted
+                for fd in fds:
+                    os.close(fd)
+                self.alive = False
+                break
+            slot, _ = self.asked.pop(0)
+            if kind == b"P" and isinstance(body, dict) and len(fds) == 2 \
+                    and isinstance(body.get("pid"), int):
+                events.append((SPAWNED, slot, int(body["pid"]), fds[0], fds[1]))
+                continue
+            for fd in fds:
+                os.close(fd)
+            events.append((FAILED, slot, body if isinstance(body, str)
+                           else "the zygote could not fork"))
+        return events
+
+    def pending_slots(self) -> List[int]:
+        """Slots asked for and not answered (a dead zygote fails them all)."""
+        return [slot for slot, _ in self.asked] + [slot for slot, _ in self.queued]
+
+    def expired(self, now: float) -> bool:
+        """Stopped or hung: the import or the oldest spawn is past its deadline."""
+        if not self.ready:
+            return now > self.ready_deadline
+        return bool(self.asked) and now > self.asked[0][1]
+
+    def kill(self) -> None:
+        """End the zygote now, without waiting (the master's reaper reaps it)."""
         self.alive = False
         try:
             self.sock.close()
@@ -149,7 +212,12 @@ class Zygote:
         try:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
-            return
+            pass
+
+    def stop(self) -> None:
+        """End the zygote now (it holds no state worth a graceful exit) and reap it:
+        outside the loop only (a failed start)."""
+        self.kill()
         try:
             os.waitpid(self.pid, 0)
         except ChildProcessError:
