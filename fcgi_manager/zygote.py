@@ -18,11 +18,17 @@ The master is ``PR_SET_CHILD_SUBREAPER``: an orphaned worker becomes its child, 
 one reaper, its timeouts and its signals work on zygote-forked workers unchanged. The
 worker waits until it is the master's child before it sets its parent-death signal.
 
-Messages travel on a ``SOCK_SEQPACKET`` socketpair (one message per send). The master's
-end is close-on-exec: when the master re-executes itself on reload, or exits, the
-zygote sees EOF and exits; it also watches the death pipe. Each generation has its own
-zygote (a reload imports fresh code in a fresh one); it holds the listener, the
-scoreboard and the death pipe's read end, nothing else of the master's.
+Messages travel on a ``SOCK_SEQPACKET`` socketpair (one message per send). The master
+never waits on it: its end is non-blocking and sits in the master's selector, and every
+question has a deadline (the import: the reload timeout; a spawn: ``SPAWN_TIMEOUT``). A
+zygote past a deadline (stopped, hung) or dead is SIGKILLed and replaced; a pid it
+reports is believed only if the kernel says it is the master's child (``kinship.py``).
+The master's end is close-on-exec: when the master re-executes itself on reload, or
+exits, the zygote sees EOF and exits; it also watches the death pipe. Each generation has
+its own zygote (a reload imports fresh code in a fresh one, also without root: a
+re-executed master never imports in its own loop); it holds the listener, the
+scoreboard, its generation's hand-off channel and the death pipe's read end, nothing else
+of the master's.
 
 Cost: one more process per generation, holding the imported app (its pages are shared
 with the workers forked from it, as with a preloading master), and a round trip through
