@@ -459,6 +459,8 @@ class Master:
             self._close_listener()
             for channel in self.channels.values():
                 channel.shut()  # nobody is left to take a kept connection
+            if self.zygote is not None:  # a full stop: no worker is wanted any more
+                self._zygote_gone(self.zygote, "is not needed: the master stops")
         elif kind is sv.SetDraining:
             self.board.set_draining(True)
         elif kind is sv.WatchListener:
