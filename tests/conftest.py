@@ -14,7 +14,7 @@ TESTS = str(Path(__file__).resolve().parent)
 if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
 
-from support import Manager, Nginx, ended_early, find_program, in_ci  # noqa: E402
+from support import PROGRAMS, Manager, Nginx, ended_early, find_program, in_ci  # noqa: E402
 
 # Every master the suite starts inherits this: an illegal worker-state or phase change in
 # the supervisor raises (a bug) instead of being logged, so each test that drives a master
@@ -56,7 +56,13 @@ def needs_of(item: pytest.Item) -> Tuple[FrozenSet[str], FrozenSet[str]]:
 
 def pytest_collection_modifyitems(items: List[pytest.Item]) -> None:
     for item in items:
-        if needs_of(item)[0]:
+        programs = needs_of(item)[0]
+        unknown = sorted(programs - set(PROGRAMS))
+        if unknown:
+            raise pytest.UsageError(
+                f"{item.nodeid}: needs {', '.join(unknown)}: add it to PROGRAMS in "
+                "tests/support.py (the README and .ci/run list the same programs)")
+        if programs:
             item.add_marker(pytest.mark.needs_program)
 
 
