@@ -7,8 +7,11 @@ Rules every helper follows, so a failing test never leaves anything behind:
   killed by PID at cleanup if it is still there; nothing is ever killed by name;
 * no fixed sleeps: :func:`wait_for` polls a condition against a deadline.
 
-``require_program`` skips a test when a program is missing, but fails it in CI
-(``CI=true``), where every program the suite drives is installed on purpose.
+A test that drives a system program declares it up front, ``@pytest.mark.needs("nginx")``
+(``conftest.py`` resolves the marker before any fixture runs): a missing program skips the
+test, but fails it in CI (``CI=true``), where every program the suite drives is installed on
+purpose. ``require_program`` stays in the helpers as a safety net, and fails a test that
+calls for a program it did not declare.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 import psutil
 import pytest
@@ -44,21 +47,69 @@ def in_ci() -> bool:
     return os.environ.get("CI") == "true"
 
 
-def require_program(name: str) -> str:
-    """The path of ``name``; skip the test if it is missing (fail instead in CI)."""
+# The programs the suite can drive, and what each turns on: the README's test section and
+# the hidden-programs step of .ci/run list the same.
+PROGRAMS = {
+    "nginx": "the nginx front-end, keep-conn and capacity tests",
+    "lighttpd": "the lighttpd front-end tests",
+    "apache2": "the Apache (mod_fcgid, mod_proxy_fcgi) front-end tests",
+    "cgi-fcgi": "requests sent by libfcgi's own client (libfcgi-bin)",
+    "spawn-fcgi": "the spawn-fcgi example",
+    "wrk": "the load tests of tests/capacity",
+    "strace": "the system-call counts of test_syscalls.py",
+    "supervisord": "the Supervisor example (supervisord, from the test extra)",
+    "supervisorctl": "the Supervisor example (supervisorctl, from the test extra)",
+    "unshare": "fcgi-manager as PID 1 of a PID namespace (tests/containers)",
+    "nsenter": "commands run inside that namespace (tests/containers)",
+    "setpriv": "the container image's unprivileged user (tests/containers)",
+}
+
+# Programs to treat as missing (comma-separated names): a bare machine, without
+# uninstalling anything. Hiding the programs themselves (a mount namespace) is stronger.
+HIDE_VARIABLE = "FCGI_MANAGER_TEST_HIDE"
+
+# The programs the running test declared (``needs`` markers); set by conftest.py around
+# each test, None outside a test.
+declared: Optional[FrozenSet[str]] = None
+
+
+def hidden_programs() -> FrozenSet[str]:
+    return frozenset(n.strip() for n in os.environ.get(HIDE_VARIABLE, "").split(",") if n.strip())
+
+
+def find_program(name: str) -> Optional[str]:
+    """The path of the executable ``name`` (``PATH``, then the sbin directories), or None."""
+    if name in hidden_programs():
+        return None
     path = shutil.which(name)
     if path is None:
-        for d in ("/usr/sbin", "/sbin", "/usr/local/sbin"):
+        for d in ("/usr/sbin", "/sbin", "/usr/local/sbin", "/usr/local/bin"):
             candidate = os.path.join(d, name)
-            if os.access(candidate, os.X_OK):
-                path = candidate
-                break
+            if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+                return candidate
+    return path
+
+
+def require_program(name: str) -> str:
+    """The path of ``name``, for a helper. The test must have declared the program with a
+    ``needs`` marker (so it is skipped before it starts anything); this is the safety net:
+    skip if it is missing (fail instead in CI), and fail a test that did not declare it."""
+    if declared is not None and name not in declared:
+        pytest.fail(f"this test drives {name} without declaring it: "
+                    f"mark it @pytest.mark.needs({name!r})")
+    path = find_program(name)
     if path is None:
         reason = f"{name} is not installed"
         if in_ci():
             pytest.fail(f"{reason} (CI=true: the CI job must install it)")
         pytest.skip(reason)  # by hand only: in CI it failed above
     return path
+
+
+def ended_early(node: Any) -> bool:
+    """True once the test ``node`` was skipped or failed (in its setup or its body): what
+    it started is then stopped without being reported as a leak."""
+    return bool(getattr(node, "fcgi_ended_early", False))
 
 
 class GiveUp(AssertionError):
@@ -750,6 +801,6 @@ __all__ = [
     "APPS", "CLIResult", "FcgiReply", "GiveUp", "HTTPResponse", "Manager", "Nginx",
     "ProcessTracker", "ROOT", "cgi_params", "connect_fcgi", "fcgi_manager", "fcgi_pairs",
     "fcgi_record", "fcgi_request", "fcgi_request_bytes", "free_port", "has_ipv6_loopback",
-    "http_request", "in_ci", "pid_alive", "read_fcgi_records", "render_toml",
-    "require_program", "wait_for",
+    "PROGRAMS", "ended_early", "find_program", "http_request", "in_ci", "pid_alive",
+    "read_fcgi_records", "render_toml", "require_program", "wait_for",
 ]

@@ -129,6 +129,7 @@ def cgi_body(out: bytes) -> bytes:
     return body
 
 
+@pytest.mark.needs("cgi-fcgi", "nginx")
 def test_life_cycle_through_nginx_and_cgi_fcgi(make_manager: MakeManager,
                                                make_nginx: MakeNginx) -> None:
     m = make_manager(count=2)

@@ -33,6 +33,8 @@ from support import (
 )
 from test_wsgi import WorkerProcess
 
+pytestmark = pytest.mark.needs("strace")
+
 REQUESTS = 20
 _CALL = re.compile(r"^(?:\[pid\s+\d+\]\s+|\d+\s+)?(\w+)\((\d+)?.*\)\s+=\s+(-?\d+)")
 

@@ -14,9 +14,12 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
+import pytest
 from support import wait_for
 
 from .support import WrkResult, cap_manager, figure, nginx_error_lines, run_wrk
+
+pytestmark = pytest.mark.needs("nginx", "wrk")
 
 FAST_CLIENTS = 8
 

@@ -22,6 +22,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable, List
 
+import pytest
+
 from .support import (
     WrkResult,
     cap_manager,
@@ -31,6 +33,8 @@ from .support import (
     run_wrk,
     uss_per_worker,
 )
+
+pytestmark = pytest.mark.needs("nginx", "wrk")
 
 CLIENTS = 32
 SECONDS = 10

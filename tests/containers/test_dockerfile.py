@@ -11,12 +11,14 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 from support import fcgi_request, require_program, wait_for
 
 from .examples import EXAMPLES, ImageRoot, dockerfile_stages, final_stage
 from .support import Pid1Master
 
 
+@pytest.mark.needs("unshare", "nsenter", "setpriv")
 def test_the_image_command_serves_as_pid1_and_non_root(image_root: Path) -> None:
     setpriv = require_program("setpriv")
     stage = final_stage()

@@ -256,6 +256,7 @@ def pods() -> Iterator[Dict[str, Union[Pod, Service]]]:
         thing.cleanup()
 
 
+@pytest.mark.needs("unshare", "setpriv", "nginx")
 def test_a_rollout_loses_no_request(image_root: Path,
                                     pods: Dict[str, Union[Pod, Service]]) -> None:
     nginx_spec = container("nginx")
@@ -316,6 +317,7 @@ def test_a_rollout_loses_no_request(image_root: Path,
     assert "draining: the ping path answers 503" in log and "master stopped" in log, log
 
 
+@pytest.mark.needs("unshare", "setpriv", "nginx")
 def test_metrics_feed_the_autoscaler_rule(image_root: Path,
                                           pods: Dict[str, Union[Pod, Service]]) -> None:
     """nginx's metrics port serves the OpenMetrics page, with the series the

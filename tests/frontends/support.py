@@ -12,8 +12,9 @@ Rules every helper here follows:
   anything is stopped, so orphans are still known) is stopped and checked by PID; nothing
   is ever killed by name.
 * No fixed sleeps: :func:`wait_for` polls against a deadline.
-* :func:`require_program` skips a test when a program is missing, and fails it when
-  ``CI=true`` (the CI job installs every program on purpose).
+* A test declares the programs it drives, ``@pytest.mark.needs("nginx")``: it is skipped
+  before anything starts when one is missing, and fails when ``CI=true`` (the CI job
+  installs every program on purpose). :func:`require_program` stays as a safety net.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from urllib.parse import unquote
 import psutil
 import pytest
 
+from tests import support as suite
 from tests.support import pid_alive, render_toml  # noqa: F401 - re-exported to the tests here
 
 if sys.version_info >= (3, 11):
@@ -70,16 +72,9 @@ def require(condition: bool, reason: str) -> None:
 
 
 def require_program(name: str) -> str:
-    """The path of ``name``; skip the test if it is missing (fail instead in CI)."""
-    path = shutil.which(name)
-    if path is None:
-        for d in ("/usr/sbin", "/sbin", "/usr/local/sbin", "/usr/local/bin"):
-            candidate = os.path.join(d, name)
-            if os.access(candidate, os.X_OK):
-                path = candidate
-                break
-    require(path is not None, f"{name} is not installed")
-    return str(path)
+    """The path of ``name`` (see ``tests/support.py``: the test declares it with a ``needs``
+    marker; this is the safety net)."""
+    return suite.require_program(name)
 
 
 def fcgi_manager_program() -> str:
@@ -87,7 +82,9 @@ def fcgi_manager_program() -> str:
     beside = Path(sys.executable).parent / "fcgi-manager"
     if os.access(beside, os.X_OK):
         return str(beside)
-    return require_program("fcgi-manager")
+    path = suite.find_program("fcgi-manager")
+    require(path is not None, "fcgi-manager is not installed (pip install -e .)")
+    return str(path)
 
 
 def is_root() -> bool:
@@ -269,18 +266,48 @@ class Procs:
                 return left
             time.sleep(0.05)
 
+    def checkpoint(self) -> Tuple[int, int]:
+        """Where the record stands now, for :meth:`release`."""
+        return len(self.known), len(self.stoppers)
+
+    def release(self, mark: Tuple[int, int]) -> None:
+        """Stop, by PID, what was started since ``mark`` (a test that was skipped or failed
+        half-way), and forget it: it is not reported as a leak at the end."""
+        pids = list(self.known)[mark[0]:]
+        stoppers = self.stoppers[mark[1]:]
+        del self.stoppers[mark[1]:]
+        # What the test started and its descendants (not those of what came before).
+        mine: Dict[int, float] = {}
+        for pid in pids:
+            created = self.known[pid]
+            proc = self._same(pid, created)
+            if proc is None:
+                continue
+            mine[pid] = created
+            try:
+                for child in proc.children(recursive=True):
+                    mine[child.pid] = child.create_time()
+            except psutil.Error:
+                pass
+        self._stop(mine, stoppers)
+        for pid in pids:
+            self.known.pop(pid, None)
+
     def cleanup(self) -> List[str]:
         """Stop everything gracefully; return what went wrong: failed stops, and processes
         still running 2 s after every graceful stop returned (then SIGTERM, then SIGKILL,
         by PID)."""
         family = self.family()
+        stoppers, self.stoppers = self.stoppers, []
+        return self._stop(family, stoppers)
+
+    def _stop(self, family: Dict[int, float], stoppers: List[Callable[[], None]]) -> List[str]:
         problems = []
-        for stop in reversed(self.stoppers):
+        for stop in reversed(stoppers):
             try:
                 stop()
             except Exception as exc:  # noqa: BLE001 - keep cleaning up
                 problems.append(f"a graceful stop failed: {exc!r}")
-        self.stoppers = []
         left = self.wait_gone(family, 2.0)
         for proc in left:
             try:

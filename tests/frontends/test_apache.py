@@ -21,6 +21,8 @@ from .support import (
     web_user,
 )
 
+pytestmark = pytest.mark.needs("apache2")
+
 
 @pytest.fixture(scope="module")
 def backend(site: Site, procs: Procs) -> Manager:

@@ -18,6 +18,8 @@ from .support import (
     wait_for,
 )
 
+pytestmark = pytest.mark.needs("lighttpd")
+
 
 @pytest.fixture(scope="module")
 def backend(site: Site, procs: Procs) -> Manager:

@@ -19,6 +19,8 @@ from .support import (
     unix_connections,
 )
 
+pytestmark = pytest.mark.needs("nginx")
+
 
 @pytest.fixture(scope="module")
 def backend(site: Site, procs: Procs) -> Manager:

@@ -13,6 +13,8 @@ import pytest
 
 from .support import EXAMPLES, Manager, Nginx, Procs, Site, http_request
 
+pytestmark = pytest.mark.needs("nginx")
+
 
 @pytest.fixture(scope="module")
 def nginx(site: Site, procs: Procs) -> Nginx:

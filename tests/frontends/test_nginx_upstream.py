@@ -25,6 +25,8 @@ from .support import (
     wait_for,
 )
 
+pytestmark = pytest.mark.needs("nginx")
+
 CLIENTS = 8
 SECONDS = 8.0
 

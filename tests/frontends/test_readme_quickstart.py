@@ -38,6 +38,8 @@ from .support import (
     wait_for,
 )
 
+pytestmark = pytest.mark.needs("nginx")
+
 README = ROOT / "README.md"
 APP_DIR = "/srv/yourapplication"
 

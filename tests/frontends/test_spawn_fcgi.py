@@ -9,6 +9,8 @@ import os
 import pwd
 import signal
 
+import pytest
+
 from .support import (
     Manager,
     Procs,
@@ -37,6 +39,7 @@ def _get(sock: str, script_name: str):
     return lambda path: cgi_fcgi(sock, path, script_name=script_name)
 
 
+@pytest.mark.needs("spawn-fcgi", "cgi-fcgi")
 def test_spawn_fcgi_runs_fcgi_manager_on_fd0(site: Site, procs: Procs) -> None:
     require_program("spawn-fcgi")
     config = site.render_toml("flask_app/fcgi-manager-fd0.toml",
@@ -66,6 +69,7 @@ def test_spawn_fcgi_runs_fcgi_manager_on_fd0(site: Site, procs: Procs) -> None:
     assert not procs.wait_gone(family, 10), "workers left after the master stopped"
 
 
+@pytest.mark.needs("spawn-fcgi", "cgi-fcgi")
 def test_spawn_fcgi_runs_the_fcgi_file(site: Site, procs: Procs) -> None:
     """The guide's yourapplication.fcgi (WSGIServer(app).run()) under spawn-fcgi, forked
     into the background with a pidfile."""
@@ -91,6 +95,7 @@ def test_spawn_fcgi_runs_the_fcgi_file(site: Site, procs: Procs) -> None:
     assert not procs.wait_gone(family, 30), "left running after SIGTERM"
 
 
+@pytest.mark.needs("cgi-fcgi")
 def test_cgi_fcgi_to_a_tcp_socket(site: Site, procs: Procs) -> None:
     """cgi-fcgi to fcgi-manager on TCP (examples/flask_app/fcgi-manager.toml, 127.0.0.1)."""
     port = free_port()

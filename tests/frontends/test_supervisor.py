@@ -29,6 +29,8 @@ from .support import (
     wait_for,
 )
 
+pytestmark = pytest.mark.needs("supervisord", "supervisorctl")
+
 PROGRAMS = ("yourapplication", "yourapplication-fd0")
 
 

@@ -47,6 +47,7 @@ def test_run_by_hand_without_a_socket_exits_with_a_message(site: Site, stdin: st
     assert "bindAddress" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.needs("cgi-fcgi")
 def test_bind_address_serves_its_own_socket(site: Site, procs: Procs) -> None:
     sock = site.run / "fcgi.sock"
     fcgi = site.render(
