@@ -479,11 +479,13 @@ class Master:
             self.control.reply(reply.client, reply.ok, reply.result, reply.error)
 
     def _report_ready(self, ok: bool, text: str) -> None:
-        if ok:
-            self._notify_systemd(f"READY=1\nMAINPID={os.getpid()}")
+        """Run the ready callback (it writes the pidfile) before telling systemd: an
+        ``ExecReload`` that reads the pidfile right after ``READY=1`` must find it."""
         callback, self.ready_callback = self.ready_callback, None
         if callback is not None:
             callback(ok, text)
+        if ok:
+            self._notify_systemd(f"READY=1\nMAINPID={os.getpid()}")
 
     def _notify_systemd(self, message: str) -> None:
         from .systemd import notify as sd_notify
