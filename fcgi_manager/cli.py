@@ -374,21 +374,11 @@ def _register(cfg: config_mod.Config) -> str:
 
 
 def _check_directories(cfg: config_mod.Config, log_path: str) -> None:
-    """Refuse directories where another user could swap our files for links (fsafe)."""
-    from . import fsafe
-    from .privileges import resolve_user
+    """Create the missing runtime directory (``/run/NAME`` after a reboot), then refuse
+    directories where another user could swap our files for links (see rundir)."""
+    from . import rundir
 
-    trusted = [resolve_user(cfg.manager.user, cfg.manager.group).uid]
-    paths = [("manager.pidfile", cfg.manager.pidfile), ("manager.control", cfg.manager.control)]
-    if log_path not in ("", "-"):
-        paths.append(("manager.log", log_path))
-    if cfg.manager.access_log not in ("", "-"):
-        paths.append(("manager.access_log", cfg.manager.access_log))
-    address = parse_address(cfg.listen.bind)
-    if address.kind == "unix":
-        paths.append(("listen.bind", address.path))
-    for what, path in paths:
-        fsafe.check_directory(path, what, trusted)
+    rundir.prepare(cfg, log_path)
 
 
 def master_log_ready(master: Any) -> None:
@@ -396,6 +386,10 @@ def master_log_ready(master: Any) -> None:
 
     log = logging.getLogger("fcgi_manager.master")
     log.info("ready: %d worker(s) serving %s", len(master.workers), master.address)
+    from . import webusers
+
+    for line in webusers.socket_warnings(master.cfg, running=True):
+        log.warning("%s", line)
     if os.geteuid() == 0 and not master.cfg.manager.user:
         from .privileges import ROOT_WARNING
 
@@ -408,6 +402,14 @@ def _warn_root(cfg: config_mod.Config) -> None:
         from .privileges import ROOT_WARNING
 
         print(f"warning: {ROOT_WARNING}")
+
+
+def _warn_web_users(cfg: config_mod.Config) -> None:
+    """The web server cannot connect to the socket: say who, and the fix (webusers)."""
+    from . import webusers
+
+    for line in webusers.socket_warnings(cfg, running=True):
+        print(f"warning: {line}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -431,6 +433,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.foreground:
         return serve(cfg)
     if resume.resuming():
+        os.chdir("/")  # as the first time (below), not the directory relative paths use
         return serve(cfg, background=True)  # a reload re-executed the daemonized master
     running = _check_not_running(cfg)
     if running:
@@ -440,10 +443,16 @@ def cmd_start(args: argparse.Namespace) -> int:
     address = parse_address(cfg.listen.bind)
     if address.kind == "fd":
         keep.append(address.fd)
-    elif address.kind == "systemd" and os.environ.get("LISTEN_FDS", "").isdigit():
+    elif address.kind in ("systemd", "unix", "tcp") and \
+            os.environ.get("LISTEN_FDS", "").isdigit():
         keep += range(3, 3 + int(os.environ["LISTEN_FDS"]))  # sd_listen_fds(3)
+    os.environ.setdefault("FCGI_MANAGER_RESUME_CWD", os.getcwd())
     is_daemon, fd = daemon.daemonize(keep)
     if is_daemon:
+        # A daemon works in "/", where init scripts and systemd start it anyway: the app
+        # is found through app.chdir and app.path, never through the shell's directory
+        # (which `check` says when that is all that made an import work).
+        os.chdir("/")
         code = 1
         pipe = os.fstat(fd).st_ino
         try:
@@ -469,6 +478,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         n = cfg.workers.effective_count if cfg.workers.mode != "ondemand" else 0
         print(f"fcgi-manager started: pid {text}, {n} worker(s) on {cfg.listen.bind}")
         _warn_root(cfg)
+        _warn_web_users(cfg)
         return 0
     if ok is False:
         print(text.rstrip(), file=sys.stderr)

@@ -227,7 +227,8 @@ def _convert(section: str, key: str, value: Any, source: str, base: str,
         return tuple(_expect(v, (str,), where, "an IP address") for v in value)
     if full == "listen.mode":
         if isinstance(value, int) and not isinstance(value, bool):
-            value = oct(value)[2:] if value > 0o777 else format(value, "o")
+            # 660 (the digits as written, more than 0o777) or 0o660 (a TOML octal integer)
+            value = str(value) if value > 0o777 else format(value, "o")
         text = _expect(value, (str,), where, 'an octal mode like "0660"')
         if not re.fullmatch(r"0?[0-7]{3}", text):
             raise ConfigError(f'{where}: expected an octal mode like "0660", got {text!r}')
