@@ -22,7 +22,7 @@ import tempfile
 from typing import Any, List, Tuple
 
 from . import client, daemon, logs, rundir, sockets, webusers
-from .appload import load_app, prepare_import
+from .appload import leave_shell_directory, load_app, prepare_import
 from .config import Config
 from .errors import AppImportError, FcgiManagerError, format_error
 from .privileges import ROOT_WARNING, apply_environment, resolve_user
@@ -62,11 +62,10 @@ def run_check(cfg: Config, path: str = "/") -> int:
     _say(f"app      {cfg.app.module}  (python {sys.version.split()[0]} at {sys.executable})")
     user = resolve_user(cfg.manager.user, cfg.manager.group)
     apply_environment(cfg.app)
-    shell_dir = os.getcwd()
     try:
         # Where start imports from: app.chdir, else "/" -- the daemon's directory, and
         # the one init scripts and systemd start it in -- never the shell's.
-        os.chdir(cfg.app.chdir or "/")
+        shell_dir = leave_shell_directory(cfg.app.chdir or "/")
         prepare_import(cfg.app.path, "")
     except OSError as exc:
         print(f"Error: app.chdir {cfg.app.chdir}: {exc.strerror}", file=sys.stderr)

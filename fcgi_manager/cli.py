@@ -19,8 +19,8 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from . import appload, control, daemon, progress, registry, resume, run_flags, target
 from . import config as config_mod
-from . import control, daemon, progress, registry, resume, run_flags, target
 from . import status as status_mod
 from .errors import ControlError, FcgiManagerError, format_error
 from .sockets import parse_address
@@ -433,7 +433,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.foreground:
         return serve(cfg)
     if resume.resuming():
-        os.chdir("/")  # as the first time (below), not the directory relative paths use
+        appload.leave_shell_directory()  # as the first time (below)
         return serve(cfg, background=True)  # a reload re-executed the daemonized master
     running = _check_not_running(cfg)
     if running:
@@ -452,7 +452,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         # A daemon works in "/", where init scripts and systemd start it anyway: the app
         # is found through app.chdir and app.path, never through the shell's directory
         # (which `check` says when that is all that made an import work).
-        os.chdir("/")
+        appload.leave_shell_directory()
         code = 1
         pipe = os.fstat(fd).st_ino
         try:
