@@ -7,7 +7,6 @@ path"."""
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -95,8 +94,3 @@ def _has_group(name: str) -> bool:
     except KeyError:
         return False
 
-
-def test_nobody_exists() -> None:
-    """The permission test above runs as nobody (as Debian and Fedora have it)."""
-    if os.geteuid() == 0:
-        assert pwd.getpwnam("nobody")
