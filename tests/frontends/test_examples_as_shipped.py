@@ -6,6 +6,8 @@ front of ``examples/app.toml``, and the README's logrotate stanza."""
 
 from __future__ import annotations
 
+import os
+import pwd
 import re
 import shlex
 import shutil
@@ -15,9 +17,12 @@ import sys
 from pathlib import Path
 from typing import List
 
+import pytest
+
 from .support import (
     EXAMPLES,
     ROOT,
+    Lighttpd,
     Manager,
     Nginx,
     Procs,
@@ -27,11 +32,13 @@ from .support import (
     fcgi,
     http_request,
     is_root,
+    python_for,
     require_program,
     stop_process,
     tail,
     unix_listening,
     wait_for,
+    web_user,
 )
 from .test_initd import SCRIPT, _defaults, initd
 from .test_supervisor import PROGRAMS, Supervisor
@@ -107,8 +114,6 @@ def test_stock_nginx_as_www_data_in_front_of_app_toml(site: Site, procs: Procs) 
     """examples/app.toml as shipped, started by root, and nginx as Debian runs it."""
     require_program("nginx")
     if not is_root():
-        import pytest
-
         pytest.skip("nginx runs as www-data only when started by root")
     examples = site.work / "examples"
     examples.mkdir(mode=0o755)
@@ -160,3 +165,40 @@ def test_readme_logrotate_stanza_reopens_the_logs(site: Site, procs: Procs) -> N
     wait_for(lambda: manager.log.exists(), 10, "the log reopened under its name")
     manager.stop()
     assert sys.executable  # the interpreter running the tests ran every command above
+
+
+class LighttpdAsWebUser(Lighttpd):
+    """lighttpd as Debian runs it: started by root, serving as www-data."""
+
+    def start(self) -> Lighttpd:
+        user, group = web_user()
+        web = pwd.getpwnam(user)
+        os.chown(self.dir, web.pw_uid, web.pw_gid)  # lighttpd opens its logs as www-data
+        self.include.write_text(f'server.username = "{user}"\nserver.groupname = "{group}"\n'
+                                + self.include.read_text())
+        return super().start()
+
+
+def test_lighttpd_bin_path_socket_in_a_directory_its_user_can_write(site: Site,
+                                                                     procs: Procs) -> None:
+    """examples/lighttpd/bin-path.conf as shipped, lighttpd running as www-data: it creates
+    its socket itself, so the socket's directory must be its user's."""
+    require_program("lighttpd")
+    if not is_root():
+        pytest.skip("lighttpd changes to www-data only when started by root")
+    user = web_user()[0]
+    python, env = python_for(user, site.work)
+    # The .fcgi file as shipped; only the interpreter www-data can run is chosen for it.
+    wrapper = site.app / "run-fcgi"
+    exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+    wrapper.write_text(f"#!/bin/sh\n{exports}cd {site.app}\n"
+                       f"exec {python} {site.app / 'yourapplication.fcgi'}\n")
+    os.chmod(wrapper, 0o755)
+    server = LighttpdAsWebUser(site, procs, "lighttpd/bin-path.conf", [
+        ("/var/www/yourapplication/yourapplication.fcgi", "/var/www/yourapplication/run-fcgi"),
+    ], name="lighttpd-as-www-data")
+    assert str(site.lighttpd_run) in server.include.read_text(), \
+        "the socket is in lighttpd's runtime directory"
+    server.start()
+    check_app(lambda path: http_request(server.port, path), "")
+    server.stop()
