@@ -205,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     rq.add_argument("--include", "-i", action="store_true", help="print status and headers")
     rq.add_argument("--fail", "-f", action="store_true",
                     help="exit 22 when the status is 400 or more")
-    rq.add_argument("--timeout", type=float, default=30.0)
+    rq.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                    help="give up when no complete response came in this long (default 30)")
     return p
 
 
@@ -413,6 +414,10 @@ def _warn_web_users(cfg: config_mod.Config) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if not args.config and not args.app and not os.environ.get("FCGI_MANAGER_APP_MODULE"):
+        print("Error: no app given\nhint: name it: `fcgi-manager run yourapplication:app`, "
+              "or pass -c app.toml", file=sys.stderr)
+        return EXIT_USAGE  # a usage error, as --help says
     return serve(_load_with_flags(args))
 
 
@@ -506,6 +511,24 @@ def _not_running(pidfile: str) -> None:
         print("fcgi-manager is not running")
 
 
+def _signal_master(pid: int, sig: int, what: str) -> None:
+    """Signal the master; a master of another user is an error that says whose it is."""
+    try:
+        os.kill(pid, sig)
+    except PermissionError:
+        import pwd
+
+        try:
+            uid = os.stat(f"/proc/{pid}").st_uid
+            owner = pwd.getpwuid(uid).pw_name
+        except (OSError, KeyError):
+            owner = "another user"
+        raise FcgiManagerError(
+            f"cannot {what} the master (pid {pid}): it runs as {owner}, and this user "
+            f"(uid {os.geteuid()}) may not signal it",
+            f"run the command as {owner} (e.g. sudo fcgi-manager ... {what})") from None
+
+
 def _wait_gone(pid: int, timeout: float, waiting: Optional[Callable[[], None]] = None) -> bool:
     deadline = time.monotonic() + timeout
     delay = 0.01
@@ -559,7 +582,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
                 return _not_found(tgt)
             _not_running(tgt.pidfile)
             return 0
-        os.kill(pid, signal.SIGINT if args.now else signal.SIGTERM)
+        _signal_master(pid, signal.SIGINT if args.now else signal.SIGTERM, "stop")
     _warn_broken(tgt)
     start = daemon.process_start_ticks(pid) if pid else None
     if pid is None or start is None:
@@ -575,7 +598,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
     def waiting() -> None:
         data = progress.snapshot(tgt.control)
-        line.show(progress.stop_text(data, pid, started, 0.0 if args.now else grace - 5.0))
+        line.show(progress.stop_text(data, pid, started, 0.0 if args.now else grace - 5.0,
+                                     drain))
 
     gone = _wait_gone(pid, grace, waiting if line.enabled else None)
     line.clear()
@@ -626,7 +650,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         if pid is None:
             print("Error: fcgi-manager is not running", file=sys.stderr)
             return 1
-        os.kill(pid, signal.SIGHUP)
+        _signal_master(pid, signal.SIGHUP, "reload")
         print(f"sent SIGHUP to pid {pid} (no control socket, so the result is in the log)")
         return 0
     print(f"reloaded: generation {result.get('generation')}, {result.get('workers')} worker(s)")
@@ -784,7 +808,7 @@ def cmd_reopen_logs(args: argparse.Namespace) -> int:
         if pid is None:
             print("Error: fcgi-manager is not running", file=sys.stderr)
             return 1
-        os.kill(pid, signal.SIGUSR1)
+        _signal_master(pid, signal.SIGUSR1, "reopen-logs")
     _warn_broken(tgt)
     print("log reopened")
     return 0
@@ -836,6 +860,13 @@ def cmd_request(args: argparse.Namespace) -> int:
     from . import client
 
     address = _request_address(args)
+    if address.kind in ("fd", "systemd"):
+        print(f"Error: listen.bind is {address}: the socket was passed in by the program that "
+              "started fcgi-manager and has no address of its own here\n"
+              "hint: pass --bind with the address that program gives it (Supervisor's "
+              "socket =, the .socket unit's ListenStream=, spawn-fcgi's -s or -p)",
+              file=sys.stderr)
+        return EXIT_USAGE
     body = _request_body(args.data) if args.data is not None else b""
     headers = {}
     for item in args.header:
