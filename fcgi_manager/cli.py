@@ -62,6 +62,10 @@ HELP: Dict[str, Tuple[str, str, str]] = {
         "start the master in the background",
         "Start the master in the background and return when every worker is ready, or "
         "print why it could not start (the app's traceback, a bind or permission error). "
+        "Creates the missing last directory of the pidfile and sockets (/run/NAME after a "
+        "reboot) when its parent is safe; warns about web-server users that cannot connect. "
+        "Under socket activation (LISTEN_FDS) it serves the passed socket that is "
+        "listen.bind. "
         "--foreground stays in the foreground, for Supervisor, systemd and containers.",
         "0 started, or already running\n1 failed (the reason is printed)\n2 usage error"),
     "stop": (
@@ -109,8 +113,12 @@ HELP: Dict[str, Tuple[str, str, str]] = {
         "0 printed\n1 the configuration has an error (printed)"),
     "check": (
         "validate the config, import the app, run one request",
-        "Validate the config; check that the bind address can be used; import the app as "
-        "manager.user, in app.chdir, with app.env; pass one request through a real worker "
+        "Validate the config; make the directory checks start makes (and say which "
+        "missing runtime directory start will create); check that the bind address can be "
+        "used; name each web-server user (nginx's, Apache's, lighttpd's) that could not "
+        "connect to the unix socket, with the fix; import the app as manager.user, in "
+        "app.chdir (else /, as start's daemon: never the shell's directory), with app.env; "
+        "pass one request through a real worker "
         "and the full FastCGI path; print the response (status, headers, the first 2 KiB "
         "of the body) or the traceback, and what to fix.",
         "0 healthy\n1 not (the reason is printed)"),
