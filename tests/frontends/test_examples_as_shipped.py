@@ -202,3 +202,64 @@ def test_lighttpd_bin_path_socket_in_a_directory_its_user_can_write(site: Site,
     server.start()
     check_app(lambda path: http_request(server.port, path), "")
     server.stop()
+
+
+def readme_shell_blocks() -> List[str]:
+    return re.findall(r"```(?:sh|bash|shell)\n(.*?)```", (ROOT / "README.md").read_text(),
+                      re.DOTALL)
+
+
+def _substituted(site: Site, text: str) -> str:
+    for old, new in site.paths:
+        text = text.replace(old, new)
+    return re.sub(r"(?m)^fcgi-manager ", f"{site.fcgi_manager} ", text)
+
+
+def test_readme_shell_blocks_run_as_written(site: Site, procs: Procs) -> None:
+    """Each shell block of the README is run here (paths substituted), or is run by the
+    test named for it, or only names files that must exist: a new block fails this test
+    until it is given one of these."""
+    elsewhere = {
+        "fcgi-manager run fcgi_manager.demo:app": "test_readme_quickstart.py (the demo)",
+        "cd /srv/yourapplication": "test_readme_quickstart.py",
+        "exec spawn-fcgi": "test_spawn_fcgi.py",
+        "docker build": "tests/containers (no Docker engine here: read as data)",
+    }
+    config = site.render_toml("flask_app/fcgi-manager.toml", override=site.test_overrides())
+    manager = Manager(site, procs, config)
+    procs.on_cleanup(manager.stop)
+    for block in readme_shell_blocks():
+        if any(key in block for key in elsewhere):
+            continue
+        if block.startswith("systemctl "):
+            for unit in re.findall(r"fcgi-manager\.(?:socket|service)", block):
+                assert (EXAMPLES / "systemd" / unit).is_file(), unit
+            continue
+        if block.startswith("DAEMON="):  # /etc/default/fcgi-manager: the script's defaults
+            for line in block.splitlines():
+                assert line in SCRIPT.read_text(), line
+            continue
+        if block.startswith("cp examples/init.d/fcgi-manager"):
+            assert (ROOT / "examples" / "init.d" / "fcgi-manager").is_file()
+            continue
+        if "cgi-fcgi" in block:
+            require_program("cgi-fcgi")
+            if manager.pid() is None:
+                manager.start()
+        else:
+            assert "/etc/yourapplication/fcgi-manager.toml" in block, block
+            if manager.pid() is not None:
+                manager.stop()
+            reboot(site)  # each block runs as after a boot: no /run/yourapplication
+        script = _substituted(site, block).replace(
+            "/etc/yourapplication/fcgi-manager.toml", str(config))
+        r = subprocess.run(["/bin/sh", "-ec", script], capture_output=True, text=True,
+                           timeout=180, env=child_env(), cwd=str(site.work))
+        assert r.returncode == 0, f"{block}\n{r}\n{tail(manager.log)}"
+        if "start" in block:
+            procs.add(manager.pid())
+            check_app(manager.get, "")
+        if "cgi-fcgi" in block:
+            assert "/where" in r.stdout or "script_root" in r.stdout, r.stdout
+    if manager.pid() is not None:
+        manager.stop()
