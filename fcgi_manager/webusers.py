@@ -146,7 +146,10 @@ def blocked(user: str, path: str, sock: Owner, planned: Dict[str, Owner]) -> Opt
                     f"{owner[2]:04o}) does not let it in; fix: chmod o+x {directory}")
     if _allows(uid, gids, sock, 2):
         return None
-    group = grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
+    try:
+        group = grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
+    except KeyError:
+        group = user
     return (f"the socket is {_name(sock[0], sock[1])} mode {sock[2]:04o}; fix: set "
             f"listen.group = \"{group}\" (run: --chown-socket :{group}), or "
             f"listen.mode = \"0666\" (run: --chmod-socket 666)")
