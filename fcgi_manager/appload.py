@@ -29,8 +29,25 @@ def prepare_import(path: Sequence[str], chdir: str) -> None:
         sys.path.insert(0, cwd)
 
 
+def leave_shell_directory(to: str = "/") -> str:
+    """Work in ``to`` and drop the shell's directory from ``sys.path`` (``python -m``
+    puts it first): a daemon must find the app through app.chdir and app.path, as it
+    will when init or systemd starts it from ``/``. Returns the shell's directory."""
+    shell_dir = os.getcwd()
+    os.chdir(to)
+    sys.path[:] = [p for p in sys.path if p not in ("", shell_dir)]
+    return shell_dir
+
+
 def _hint(exc: BaseException, module: str) -> str:
+    if isinstance(exc, ModuleNotFoundError) and module.endswith(".py"):
+        name = module[:-3].replace("/", ".")
+        return (f"app.module names a module, not a file: drop the .py (module = "
+                f"\"{name}:app\"), and put its directory in app.path")
     if isinstance(exc, ModuleNotFoundError) and exc.name and module.startswith(exc.name):
+        denied = _denied_path_entry()
+        if denied:
+            return denied
         return (f"module {exc.name!r} is not on the path: set app.path (or app.chdir) to the "
                 f"directory that holds it; sys.path[0:3] was {sys.path[:3]}")
     if isinstance(exc, ModuleNotFoundError):
@@ -42,6 +59,46 @@ def _hint(exc: BaseException, module: str) -> str:
     if isinstance(exc, KeyError):
         return "the app reads an environment variable that is not set: add it to app.env"
     return "fix the error in the app's code shown above"
+
+
+def _denied_path_entry() -> str:
+    """A directory of ``sys.path`` this user may not read or search: then the module may
+    well be there, and the cause is permissions, not the path."""
+    import pwd
+
+    for entry in sys.path:
+        if not entry or not os.path.isabs(entry) or "site-packages" in entry:
+            continue
+        directory = _first_denied(entry)
+        if directory:
+            try:
+                user = pwd.getpwuid(os.geteuid()).pw_name
+            except KeyError:
+                user = f"uid {os.geteuid()}"
+            return (f"permission denied for user {user} on {directory} (on the path as "
+                    f"{entry}): the module may be there but this user cannot look; let it in "
+                    f"(chmod o+rx, or chgrp to manager.group and chmod g+rx) or move the app")
+    return ""
+
+
+def _first_denied(entry: str) -> str:
+    """The first directory from ``/`` down to ``entry`` that this user cannot enter (or,
+    for ``entry`` itself, list); '' when every one is open (or ``entry`` is missing)."""
+    parts = os.path.abspath(entry).split(os.sep)
+    current = os.sep
+    for part in [p for p in parts if p]:
+        if not os.access(current, os.X_OK):
+            return current
+        current = os.path.join(current, part)
+    try:
+        os.stat(current)
+    except PermissionError:
+        return os.path.dirname(current)
+    except OSError:
+        return ""  # missing: "not on the path" is the right message
+    if os.path.isdir(current) and not os.access(current, os.R_OK | os.X_OK):
+        return current
+    return ""
 
 
 def load_app(spec: str) -> Callable:

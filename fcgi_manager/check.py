@@ -21,8 +21,8 @@ import sys
 import tempfile
 from typing import Any, List, Tuple
 
-from . import client, daemon, logs, sockets
-from .appload import load_app, prepare_import
+from . import client, daemon, logs, rundir, sockets, webusers
+from .appload import leave_shell_directory, load_app, prepare_import
 from .config import Config
 from .errors import AppImportError, FcgiManagerError, format_error
 from .privileges import ROOT_WARNING, apply_environment, resolve_user
@@ -39,20 +39,34 @@ def _say(text: str) -> None:
 
 def run_check(cfg: Config, path: str = "/") -> int:
     _say(f"config   {cfg.source}: ok")
+    try:
+        # The same directory checks start makes, so check never says healthy where
+        # start refuses (a world-writable directory, a runtime directory it cannot make).
+        dir_notes = rundir.prepare(cfg, _log_path(cfg), create_dirs=False)
+    except FcgiManagerError as exc:
+        print(format_error(exc), file=sys.stderr)
+        return 1
     problems, notes = bind_problems(cfg)
-    for note in notes:
-        _say(f"bind     {note}")
     if problems:
         for problem, hint in problems:
             print(f"Error: {problem}", file=sys.stderr)
             if hint:
                 print(f"hint: {hint}", file=sys.stderr)
         return 1
+    for note in dir_notes:
+        _say(f"dir      {note}")
+    for note in notes:
+        _say(f"bind     {note}")
+    for warning in webusers.socket_warnings(cfg):
+        _say(f"warning  {warning}")
     _say(f"app      {cfg.app.module}  (python {sys.version.split()[0]} at {sys.executable})")
     user = resolve_user(cfg.manager.user, cfg.manager.group)
     apply_environment(cfg.app)
     try:
-        prepare_import(cfg.app.path, cfg.app.chdir)
+        # Where start imports from: app.chdir, else "/" -- the daemon's directory, and
+        # the one init scripts and systemd start it in -- never the shell's.
+        shell_dir = leave_shell_directory(cfg.app.chdir or "/")
+        prepare_import(cfg.app.path, "")
     except OSError as exc:
         print(f"Error: app.chdir {cfg.app.chdir}: {exc.strerror}", file=sys.stderr)
         return 1
@@ -68,10 +82,38 @@ def run_check(cfg: Config, path: str = "/") -> int:
     try:
         app = load_app(cfg.app.module)
     except AppImportError as exc:
-        print(format_error(exc), file=sys.stderr)
+        print(format_error(_shell_dir_hint(exc, cfg, shell_dir)), file=sys.stderr)
         return 1
     _say(f"import   ok (cwd {os.getcwd()}{as_user})")
     return _one_request(cfg, app, user, path)
+
+
+def _log_path(cfg: Config) -> str:
+    """The master's log as ``start`` (a daemon) places it."""
+    if cfg.manager.log:
+        return cfg.manager.log
+    return os.path.splitext(cfg.manager.pidfile)[0] + ".log"
+
+
+def _shell_dir_hint(exc: AppImportError, cfg: Config, shell_dir: str) -> AppImportError:
+    """The import failed from start's directory; say so if the shell's would have worked
+    (the app was only found because of where the command was typed)."""
+    top = cfg.app.module.partition(":")[0].split(".")[0]
+    if cfg.app.chdir or shell_dir == os.getcwd() or not _findable(top, shell_dir):
+        return exc
+    hint = (f"{top!r} is found in your shell's directory {shell_dir}, but start imports "
+            f"from {os.getcwd()} (app.chdir is not set): set app.chdir = \"{shell_dir}\" "
+            f"or app.path = [\"{shell_dir}\"]")
+    return AppImportError(exc.message, exc.traceback_text, hint)
+
+
+def _findable(top: str, directory: str) -> bool:
+    import importlib.machinery
+
+    try:
+        return importlib.machinery.PathFinder.find_spec(top, [directory]) is not None
+    except (ImportError, OSError, ValueError):
+        return False
 
 
 Problem = Tuple[str, str]  # what is wrong, what to do
@@ -93,8 +135,7 @@ def _unix_problems(cfg: Config, path: str, ours: Any) -> Tuple[List[Problem], Li
     directory = os.path.dirname(path) or "."
     li = cfg.listen
     if not os.path.isdir(directory):
-        return [(f"listen.bind {path}: the directory {directory} does not exist",
-                 f"create it: mkdir -p {directory}")], []
+        return [], []  # start creates it (rundir.prepare said so, or refused already)
     if not os.access(directory, os.W_OK | os.X_OK):
         return [(f"listen.bind {path}: this user (uid {os.geteuid()}) cannot create files in "
                  f"{directory}", "start as the directory's owner, or choose a directory "

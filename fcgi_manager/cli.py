@@ -19,8 +19,8 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from . import appload, control, daemon, progress, registry, resume, run_flags, target
 from . import config as config_mod
-from . import control, daemon, progress, registry, resume, run_flags, target
 from . import status as status_mod
 from .errors import ControlError, FcgiManagerError, format_error
 from .sockets import parse_address
@@ -62,6 +62,10 @@ HELP: Dict[str, Tuple[str, str, str]] = {
         "start the master in the background",
         "Start the master in the background and return when every worker is ready, or "
         "print why it could not start (the app's traceback, a bind or permission error). "
+        "Creates the missing last directory of the pidfile and sockets (/run/NAME after a "
+        "reboot) when its parent is safe; warns about web-server users that cannot connect. "
+        "Under socket activation (LISTEN_FDS) it serves the passed socket that is "
+        "listen.bind. "
         "--foreground stays in the foreground, for Supervisor, systemd and containers.",
         "0 started, or already running\n1 failed (the reason is printed)\n2 usage error"),
     "stop": (
@@ -109,8 +113,12 @@ HELP: Dict[str, Tuple[str, str, str]] = {
         "0 printed\n1 the configuration has an error (printed)"),
     "check": (
         "validate the config, import the app, run one request",
-        "Validate the config; check that the bind address can be used; import the app as "
-        "manager.user, in app.chdir, with app.env; pass one request through a real worker "
+        "Validate the config; make the directory checks start makes (and say which "
+        "missing runtime directory start will create); check that the bind address can be "
+        "used; name each web-server user (nginx's, Apache's, lighttpd's) that could not "
+        "connect to the unix socket, with the fix; import the app as manager.user, in "
+        "app.chdir (else /, as start's daemon: never the shell's directory), with app.env; "
+        "pass one request through a real worker "
         "and the full FastCGI path; print the response (status, headers, the first 2 KiB "
         "of the body) or the traceback, and what to fix.",
         "0 healthy\n1 not (the reason is printed)"),
@@ -205,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     rq.add_argument("--include", "-i", action="store_true", help="print status and headers")
     rq.add_argument("--fail", "-f", action="store_true",
                     help="exit 22 when the status is 400 or more")
-    rq.add_argument("--timeout", type=float, default=30.0)
+    rq.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                    help="give up when no complete response came in this long (default 30)")
     return p
 
 
@@ -374,21 +383,11 @@ def _register(cfg: config_mod.Config) -> str:
 
 
 def _check_directories(cfg: config_mod.Config, log_path: str) -> None:
-    """Refuse directories where another user could swap our files for links (fsafe)."""
-    from . import fsafe
-    from .privileges import resolve_user
+    """Create the missing runtime directory (``/run/NAME`` after a reboot), then refuse
+    directories where another user could swap our files for links (see rundir)."""
+    from . import rundir
 
-    trusted = [resolve_user(cfg.manager.user, cfg.manager.group).uid]
-    paths = [("manager.pidfile", cfg.manager.pidfile), ("manager.control", cfg.manager.control)]
-    if log_path not in ("", "-"):
-        paths.append(("manager.log", log_path))
-    if cfg.manager.access_log not in ("", "-"):
-        paths.append(("manager.access_log", cfg.manager.access_log))
-    address = parse_address(cfg.listen.bind)
-    if address.kind == "unix":
-        paths.append(("listen.bind", address.path))
-    for what, path in paths:
-        fsafe.check_directory(path, what, trusted)
+    rundir.prepare(cfg, log_path)
 
 
 def master_log_ready(master: Any) -> None:
@@ -396,6 +395,10 @@ def master_log_ready(master: Any) -> None:
 
     log = logging.getLogger("fcgi_manager.master")
     log.info("ready: %d worker(s) serving %s", len(master.workers), master.address)
+    from . import webusers
+
+    for line in webusers.socket_warnings(master.cfg, running=True):
+        log.warning("%s", line)
     if os.geteuid() == 0 and not master.cfg.manager.user:
         from .privileges import ROOT_WARNING
 
@@ -410,7 +413,19 @@ def _warn_root(cfg: config_mod.Config) -> None:
         print(f"warning: {ROOT_WARNING}")
 
 
+def _warn_web_users(cfg: config_mod.Config) -> None:
+    """The web server cannot connect to the socket: say who, and the fix (webusers)."""
+    from . import webusers
+
+    for line in webusers.socket_warnings(cfg, running=True):
+        print(f"warning: {line}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    if not args.config and not args.app and not os.environ.get("FCGI_MANAGER_APP_MODULE"):
+        print("Error: no app given\nhint: name it: `fcgi-manager run yourapplication:app`, "
+              "or pass -c app.toml", file=sys.stderr)
+        return EXIT_USAGE  # a usage error, as --help says
     return serve(_load_with_flags(args))
 
 
@@ -431,6 +446,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.foreground:
         return serve(cfg)
     if resume.resuming():
+        appload.leave_shell_directory()  # as the first time (below)
         return serve(cfg, background=True)  # a reload re-executed the daemonized master
     running = _check_not_running(cfg)
     if running:
@@ -440,10 +456,16 @@ def cmd_start(args: argparse.Namespace) -> int:
     address = parse_address(cfg.listen.bind)
     if address.kind == "fd":
         keep.append(address.fd)
-    elif address.kind == "systemd" and os.environ.get("LISTEN_FDS", "").isdigit():
+    elif address.kind in ("systemd", "unix", "tcp") and \
+            os.environ.get("LISTEN_FDS", "").isdigit():
         keep += range(3, 3 + int(os.environ["LISTEN_FDS"]))  # sd_listen_fds(3)
+    os.environ.setdefault("FCGI_MANAGER_RESUME_CWD", os.getcwd())
     is_daemon, fd = daemon.daemonize(keep)
     if is_daemon:
+        # A daemon works in "/", where init scripts and systemd start it anyway: the app
+        # is found through app.chdir and app.path, never through the shell's directory
+        # (which `check` says when that is all that made an import work).
+        appload.leave_shell_directory()
         code = 1
         pipe = os.fstat(fd).st_ino
         try:
@@ -469,6 +491,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         n = cfg.workers.effective_count if cfg.workers.mode != "ondemand" else 0
         print(f"fcgi-manager started: pid {text}, {n} worker(s) on {cfg.listen.bind}")
         _warn_root(cfg)
+        _warn_web_users(cfg)
         return 0
     if ok is False:
         print(text.rstrip(), file=sys.stderr)
@@ -494,6 +517,24 @@ def _not_running(pidfile: str) -> None:
               f"{state.reason})")
     else:
         print("fcgi-manager is not running")
+
+
+def _signal_master(pid: int, sig: int, what: str) -> None:
+    """Signal the master; a master of another user is an error that says whose it is."""
+    try:
+        os.kill(pid, sig)
+    except PermissionError:
+        import pwd
+
+        try:
+            uid = os.stat(f"/proc/{pid}").st_uid
+            owner = pwd.getpwuid(uid).pw_name
+        except (OSError, KeyError):
+            owner = "another user"
+        raise FcgiManagerError(
+            f"cannot {what} the master (pid {pid}): it runs as {owner}, and this user "
+            f"(uid {os.geteuid()}) may not signal it",
+            f"run the command as {owner} (e.g. sudo fcgi-manager ... {what})") from None
 
 
 def _wait_gone(pid: int, timeout: float, waiting: Optional[Callable[[], None]] = None) -> bool:
@@ -549,7 +590,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
                 return _not_found(tgt)
             _not_running(tgt.pidfile)
             return 0
-        os.kill(pid, signal.SIGINT if args.now else signal.SIGTERM)
+        _signal_master(pid, signal.SIGINT if args.now else signal.SIGTERM, "stop")
     _warn_broken(tgt)
     start = daemon.process_start_ticks(pid) if pid else None
     if pid is None or start is None:
@@ -565,7 +606,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
     def waiting() -> None:
         data = progress.snapshot(tgt.control)
-        line.show(progress.stop_text(data, pid, started, 0.0 if args.now else grace - 5.0))
+        line.show(progress.stop_text(data, pid, started, 0.0 if args.now else grace - 5.0,
+                                     drain))
 
     gone = _wait_gone(pid, grace, waiting if line.enabled else None)
     line.clear()
@@ -616,7 +658,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         if pid is None:
             print("Error: fcgi-manager is not running", file=sys.stderr)
             return 1
-        os.kill(pid, signal.SIGHUP)
+        _signal_master(pid, signal.SIGHUP, "reload")
         print(f"sent SIGHUP to pid {pid} (no control socket, so the result is in the log)")
         return 0
     print(f"reloaded: generation {result.get('generation')}, {result.get('workers')} worker(s)")
@@ -774,7 +816,7 @@ def cmd_reopen_logs(args: argparse.Namespace) -> int:
         if pid is None:
             print("Error: fcgi-manager is not running", file=sys.stderr)
             return 1
-        os.kill(pid, signal.SIGUSR1)
+        _signal_master(pid, signal.SIGUSR1, "reopen-logs")
     _warn_broken(tgt)
     print("log reopened")
     return 0
@@ -826,6 +868,13 @@ def cmd_request(args: argparse.Namespace) -> int:
     from . import client
 
     address = _request_address(args)
+    if address.kind in ("fd", "systemd"):
+        print(f"Error: listen.bind is {address}: the socket was passed in by the program that "
+              "started fcgi-manager and has no address of its own here\n"
+              "hint: pass --bind with the address that program gives it (Supervisor's "
+              "socket =, the .socket unit's ListenStream=, spawn-fcgi's -s or -p)",
+              file=sys.stderr)
+        return EXIT_USAGE
     body = _request_body(args.data) if args.data is not None else b""
     headers = {}
     for item in args.header:

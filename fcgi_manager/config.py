@@ -227,7 +227,8 @@ def _convert(section: str, key: str, value: Any, source: str, base: str,
         return tuple(_expect(v, (str,), where, "an IP address") for v in value)
     if full == "listen.mode":
         if isinstance(value, int) and not isinstance(value, bool):
-            value = oct(value)[2:] if value > 0o777 else format(value, "o")
+            # 660 (the digits as written, more than 0o777) or 0o660 (a TOML octal integer)
+            value = str(value) if value > 0o777 else format(value, "o")
         text = _expect(value, (str,), where, 'an octal mode like "0660"')
         if not re.fullmatch(r"0?[0-7]{3}", text):
             raise ConfigError(f'{where}: expected an octal mode like "0660", got {text!r}')
@@ -506,11 +507,18 @@ def _default_name(cfg: Config) -> str:
     if cfg.source:
         return os.path.splitext(os.path.basename(cfg.source))[0] + ".fcgi-manager"
     # `run` without a file: named after the address, short enough for a unix socket path.
-    readable = re.sub(r"[^\w.-]+", "_", cfg.listen.bind).strip("_")
-    if len(readable) > 40:
+    # A unix socket by its file name (wsgi.sock: fcgi-manager-wsgi-1a2b3c4d) and a digest of
+    # the whole path, so two apps' fcgi.sock in different directories do not collide;
+    # a TCP address as written (fcgi-manager-127.0.0.1_9000).
+    bind = cfg.listen.bind
+    if bind.startswith("unix:") or bind.startswith("/"):
         import hashlib
 
-        readable = readable[-24:] + "-" + hashlib.sha1(cfg.listen.bind.encode()).hexdigest()[:8]
+        stem = os.path.splitext(os.path.basename(bind[5:] if bind.startswith("unix:")
+                                                 else bind))[0]
+        stem = re.sub(r"[^\w.-]+", "_", stem).strip("_")[:32] or "socket"
+        return f"fcgi-manager-{stem}-{hashlib.sha1(bind.encode()).hexdigest()[:8]}"
+    readable = re.sub(r"[^\w.-]+", "_", bind).strip("_")[:40]
     return "fcgi-manager-" + readable
 
 

@@ -120,7 +120,8 @@ class Master:
         self.app_given = app is not None
         self.log_handler = log_handler or logs.setup_master(
             cfg.manager.log, cfg.manager.log_level, cfg.manager.log_format)
-        self.address = sockets.parse_address(cfg.listen.bind)
+        # Under socket activation, a passed socket that is listen.bind serves as "systemd".
+        self.address = sockets.activated(sockets.parse_address(cfg.listen.bind))
         self.user = resolve_user(cfg.manager.user, cfg.manager.group)
         self.selector = selectors.DefaultSelector()
         self.sup = sv.Supervisor(cfg.workers, master_pid=os.getpid(), max_slots=MAX_SLOTS,

@@ -72,13 +72,22 @@ def describe_requests(requests: List[Dict[str, Any]], limit: int = 2) -> str:
     return f"{_plural(len(requests), 'request')}: " + "; ".join(parts) + more
 
 
-def stop_text(data: Optional[Dict[str, Any]], pid: int, started: float, grace: float) -> str:
-    """What a stop waits for, from one status snapshot (None: the master no longer answers)."""
-    left = max(0.0, grace - (time.monotonic() - started))
+def stop_text(data: Optional[Dict[str, Any]], pid: int, started: float, grace: float,
+              drain: float = 0.0) -> str:
+    """What a stop waits for, from one status snapshot (None: the master no longer answers).
+
+    During ``drain`` (manager.shutdown_delay) the workers still serve: say so, rather than
+    "waiting for N workers to exit", which they are not doing yet."""
+    elapsed = time.monotonic() - started
+    left = max(0.0, grace - elapsed)
     deadline = f" (killed in {left:.0f} s)" if grace else ""
     if data is None:
         return f"waiting for the master (pid {pid}) to exit"
     requests = requests_in_flight(data)
+    if elapsed < drain:
+        serving = f"; {describe_requests(requests)}" if requests else ""
+        return (f"draining: still serving, the ping path answers 503 for "
+                f"{drain - elapsed:.0f} s more{serving}")
     if requests:
         return "waiting for " + describe_requests(requests) + deadline
     workers = len(data.get("workers") or ())

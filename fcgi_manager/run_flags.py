@@ -33,6 +33,9 @@ FLAGS: Tuple[Tuple[Tuple[str, ...], str, str, str, str, str], ...] = (
      "run the app as USER (when started as root)"),
     (("-g", "--group"), "group", "manager", "group", "GROUP", "run the app with GROUP"),
     (("--chdir",), "chdir", "app", "chdir", "DIR", "directory to import the app from"),
+    (("--chmod-socket",), "chmod_socket", "listen", "mode", "MODE",
+     "mode of the unix socket, e.g. 666 (uWSGI's flag; default 0660: the web server "
+     "must be the socket's owner or in its group)"),
     (("--pidfile",), "pidfile", "manager", "pidfile", "PATH", "write the master's pid here"),
     (("--access-log",), "access_log", "manager", "access_log", "PATH",
      "access log file ('-' = stderr)"),
@@ -50,6 +53,14 @@ def add_to(parser: argparse.ArgumentParser) -> None:
                         help="import the app in the master before forking")
     parser.add_argument("--no-preload", dest="set_preload", action="store_false",
                         help="import the app in each worker")
+    parser.add_argument("--chown-socket", dest="set_chown_socket", default=None,
+                        metavar="[USER][:GROUP]",
+                        help="owner and group of the unix socket, e.g. :www-data to let "
+                             "nginx's group in (uWSGI's flag; giving it away needs root, or "
+                             "membership of GROUP)")
+    parser.add_argument("-m", "--umask", dest="set_umask", default=None, metavar="UMASK",
+                        help="umask of the master, e.g. 022; the unix socket is made "
+                             "0777 & ~UMASK unless --chmod-socket is given (gunicorn's flag)")
     parser.add_argument("-e", "--env", dest="set_env", action="append", default=None,
                         metavar="KEY=VALUE", help="add to the app's environment (repeatable)")
 
@@ -63,6 +74,21 @@ def overrides(args: argparse.Namespace) -> List[Override]:
         value = getattr(args, f"set_{dest}", None)
         if value is not None:
             out.append(Override(section, key, value, flags[-1], text=True))
+    chown = getattr(args, "set_chown_socket", None)
+    if chown is not None:
+        owner, sep, group = chown.partition(":")
+        if not owner and not group:
+            raise ConfigError(f"--chown-socket {chown!r}: write it as USER, USER:GROUP or "
+                              ":GROUP")
+        if owner:
+            out.append(Override("listen", "owner", owner, "--chown-socket"))
+        if group:
+            out.append(Override("listen", "group", group, "--chown-socket"))
+    umask = getattr(args, "set_umask", None)
+    if umask is not None:
+        out.append(Override("manager", "umask", umask, "--umask"))
+        if getattr(args, "set_chmod_socket", None) is None:
+            out.append(Override("listen", "mode", socket_mode(umask, "--umask"), "--umask"))
     if args.set_preload is not None:
         out.append(Override("app", "preload", args.set_preload,
                             "--preload" if args.set_preload else "--no-preload"))
@@ -75,3 +101,19 @@ def overrides(args: argparse.Namespace) -> List[Override]:
             env[name] = value
         out.append(Override("app", "env", env, "--env"))
     return out
+
+
+def socket_mode(umask: object, where: str) -> str:
+    """The unix socket mode a umask gives, as flup and gunicorn make it: 0777 & ~umask."""
+    if isinstance(umask, int) and not isinstance(umask, bool):
+        value = umask
+    else:
+        text = str(umask).strip()
+        try:
+            value = int(text, 8)
+        except ValueError:
+            raise ConfigError(f'{where} {umask!r}: expected an octal umask like "022"'
+                              ) from None
+    if not 0 <= value <= 0o777:
+        raise ConfigError(f"{where} {umask!r}: expected an octal umask like \"022\"")
+    return format(0o777 & ~value, "04o")

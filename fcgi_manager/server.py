@@ -20,6 +20,7 @@ from typing import Any, Callable, Tuple, Union
 
 from . import config as config_mod
 from .errors import FcgiManagerError, format_error
+from .run_flags import socket_mode
 from .sockets import fd0_is_listening_socket
 
 FLUP_NAMES = {
@@ -70,8 +71,12 @@ class WSGIServer:
                 logging.getLogger("fcgi_manager").debug("WSGIServer: ignoring %s=%r", key, value)
                 continue
             options[FLUP_NAMES.get(key, key)] = value
-        if "umask" in options and isinstance(options["umask"], int):
-            options["umask"] = format(options["umask"], "03o")
+        if "umask" in options:
+            # flup: the socket is created under this umask, so it is 0777 & ~umask
+            # (umask=0 lets every user, the web server's too, connect).
+            options.setdefault("mode", socket_mode(options["umask"], "WSGIServer(umask=...)"))
+            if isinstance(options["umask"], int):
+                options["umask"] = format(options["umask"], "03o")
         app = self.application
         name = getattr(app, "__name__", None) or type(app).__name__
         module = getattr(app, "__module__", None) or "__main__"

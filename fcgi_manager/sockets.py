@@ -243,15 +243,79 @@ def fd0_is_listening_socket() -> bool:
         sock.detach()
 
 
-def systemd_socket() -> socket.socket:
-    pid = os.environ.get("LISTEN_PID")
-    fds = os.environ.get("LISTEN_FDS")
-    if not fds or (pid and pid.isdigit() and int(pid) != os.getpid()):
+def systemd_socket(fd: int = SD_LISTEN_FDS_START) -> socket.socket:
+    if not passed_fds():
         raise BindError("listen.bind = \"systemd\" but no socket was passed (LISTEN_FDS unset)",
                         "start it from a .socket unit (see examples/systemd/)")
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)
-    return inherit_fd(SD_LISTEN_FDS_START)
+    return inherit_fd(fd)
+
+
+def passed_fds() -> Tuple[int, ...]:
+    """The descriptors systemd passed to this process (sd_listen_fds(3)), if any."""
+    pid = os.environ.get("LISTEN_PID", "")
+    fds = os.environ.get("LISTEN_FDS", "")
+    if not fds.isdigit() or (pid.isdigit() and int(pid) != os.getpid()):
+        return ()
+    return tuple(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(fds)))
+
+
+def _fd_address(fd: int) -> Optional[Tuple[int, object]]:
+    """(family, address) a passed descriptor is bound to; None if it is no socket."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        return sock.family, sock.getsockname()
+    except OSError:
+        return None
+    finally:
+        sock.detach()
+
+
+def _wanted(address: Address) -> Optional[Tuple[int, object]]:
+    if address.kind == "unix":
+        return socket.AF_UNIX, os.path.realpath(address.path)
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            address.host or None, address.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+            socket.AI_PASSIVE)[0]
+    except socket.gaierror:
+        return None
+    return family, sockaddr[:2]
+
+
+def activated(address: Address) -> Address:
+    """Under socket activation, the passed socket that *is* ``listen.bind``, as if
+    ``bind = "systemd"`` (gunicorn does the same): the shipped .socket unit and a config
+    naming its path then start together, with no second edit. A passed socket that is
+    not the configured address is an error naming ``bind = "systemd"``: binding the path
+    anew would fight systemd for it (and ``Restart=`` makes that a loop)."""
+    fds = passed_fds()
+    if not fds or address.kind not in ("unix", "tcp"):
+        return address
+    wanted = _wanted(address)
+    seen = []
+    for fd in fds:
+        got = _fd_address(fd)
+        if got is None:
+            continue
+        family, name = got
+        if family == socket.AF_UNIX and isinstance(name, str) and name:
+            name = os.path.realpath(name)
+        elif family in (socket.AF_INET, socket.AF_INET6) and isinstance(name, tuple):
+            name = name[:2]
+        if wanted is not None and (family, name) == wanted:
+            return Address("systemd", path=address.path, host=address.host,
+                           port=address.port, fd=fd)
+        seen.append(str(name) if family != socket.AF_UNIX else f"unix:{name}")
+    raise BindError(
+        f"listen.bind is {address}, but systemd passed {len(fds)} other socket(s) "
+        f"(LISTEN_FDS: {', '.join(seen) or 'not sockets'})",
+        'set bind = "systemd" in [listen] to serve on the passed socket, or make the '
+        ".socket unit's ListenStream= the same address as listen.bind")
 
 
 def create_listener(address: Address, backlog: int, mode: str = "0660", owner: str = "",
@@ -263,7 +327,8 @@ def create_listener(address: Address, backlog: int, mode: str = "0660", owner: s
     elif address.kind == "fd":
         sock = inherit_fd(address.fd)
     else:
-        sock = systemd_socket()
+        sock = systemd_socket(address.fd if address.fd >= SD_LISTEN_FDS_START
+                              else SD_LISTEN_FDS_START)
     return sock
 
 

@@ -353,12 +353,15 @@ def test_check_prints_the_body_and_no_false_warning(make_manager: MakeManager) -
 
 def test_check_refuses_a_socket_directory_that_does_not_exist(make_manager: MakeManager,
                                                                tmp_path: Path) -> None:
-    missing = tmp_path / "run"
+    """Only the last directory is created by start (tests/test_runtime_dirs.py): one
+    whose parent is missing too is refused, by check as by start."""
+    missing = tmp_path / "run" / "app"
     m = make_manager("hello:app", count=1, bind=f"unix:{missing / 'fcgi.sock'}")
     result = m.cli("check", timeout=60)
     assert result.returncode == 1, result
-    assert f"the directory {missing} does not exist" in result.stderr
-    assert f"mkdir -p {missing}" in result.stderr
+    assert f"directory {missing} does not exist" in result.stderr
+    assert f"its parent {missing.parent} does not exist either" in result.stderr
+    assert f"mkdir -m 0755 {missing}" in result.stderr
     assert "healthy" not in result.stdout
 
 

@@ -1,7 +1,10 @@
 """Server-sent events with plain WSGI: a page that shows a clock ticking, pushed by the
 server (https://html.spec.whatwg.org/multipage/server-sent-events.html).
 
-    fcgi-manager run events:app --bind unix:/run/yourapplication/fcgi.sock
+    fcgi-manager run events:app --bind unix:/run/yourapplication/fcgi.sock --chown-socket :www-data
+
+(``--chown-socket :www-data`` lets nginx, running as www-data, connect: it needs root or
+membership of www-data; ``--chmod-socket 666`` lets every local user in instead.)
 
 ``/`` is the page; ``/events`` the stream: one event per ``interval`` seconds (default 1),
 ``count`` of them (default 60; the browser reconnects when the stream ends, and sends

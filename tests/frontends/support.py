@@ -359,9 +359,13 @@ class Site:
         self.log = root / "log"
         self.etc = root / "etc"
         self.work = root / "work"
-        for d in (root / "www", self.run, self.log, self.etc, self.work):
+        self.lighttpd_run = root / "lighttpd-run"  # /run/lighttpd: lighttpd's user's
+        for d in (root / "www", self.run, self.log, self.etc, self.work, self.lighttpd_run):
             d.mkdir()
             os.chmod(d, 0o755)
+        if is_root():
+            web = pwd.getpwnam(web_user()[0])
+            os.chown(self.lighttpd_run, web.pw_uid, web.pw_gid)
         shutil.copytree(EXAMPLES / "flask_app", self.app)
         for path in [self.app, *self.app.rglob("*")]:
             os.chmod(path, 0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
@@ -369,6 +373,7 @@ class Site:
         self.paths = [
             ("/var/www/yourapplication", str(self.app)),
             ("/run/yourapplication", str(self.run)),
+            ("/run/lighttpd", str(self.lighttpd_run)),
             ("/var/log/yourapplication", str(self.log)),
             ("/etc/yourapplication", str(self.etc)),
             ("/usr/local/bin/fcgi-manager", self.fcgi_manager),

@@ -74,7 +74,7 @@ def test_bin_path_root_with_fix_root_url(site: Site, procs: Procs) -> None:
         ('        "fix-root-scriptname" => "enable",\n', ""),
         ("/var/www/yourapplication/yourapplication.fcgi",
          "/var/www/yourapplication/yourapplication-fixroot.fcgi"),
-        ("lighttpd-fcgi.sock", "lighttpd-fixroot.sock"),
+        ("yourapplication-fcgi.sock", "yourapplication-fixroot.sock"),
     ], name="lighttpd-fix-root-url").start()
     check_app(lambda path: http_request(server.port, path), "")
     server.stop()

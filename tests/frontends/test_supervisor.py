@@ -51,7 +51,7 @@ class Supervisor:
                 "flask_app/fcgi-manager-fd0.toml", override=site.test_overrides())),
         }
         self.sockets = {"yourapplication": site.run / "fcgi.sock",
-                        PROGRAMS[1]: site.run / "fcgi-fd0.sock"}
+                        PROGRAMS[1]: Path(f"{site.run}-fcgi-fd0.sock")}
         self.proc = procs.spawn([self.supervisord, "-n", "-c", str(self.conf)],
                                 site.log / "supervisord.stderr")
         procs.on_cleanup(self.shutdown)
