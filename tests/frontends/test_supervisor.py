@@ -127,7 +127,10 @@ def test_signal_hup_reloads(supervisor: Supervisor) -> None:
 @pytest.mark.parametrize("name", PROGRAMS)
 def test_stop_leaves_nothing_and_start_serves_again(supervisor: Supervisor, name: str) -> None:
     family = supervisor.family(name)
-    assert len(family) == 3, family  # the master and 2 workers
+    # the master and 2 workers; after a preloading reload also the zygote that imported
+    # the new generation (the re-executed master never imports the app itself)
+    zygotes = [pid for pid in family if psutil.Process(pid).name() == "fcgi-mgr zygote"]
+    assert len(family) - len(zygotes) == 3 and len(zygotes) <= 1, family
     r = supervisor.ctl("stop", name)
     assert r.returncode == 0 and "stopped" in r.stdout, r
     assert supervisor.states()[name] == "STOPPED"
