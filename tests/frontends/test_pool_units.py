@@ -1,4 +1,5 @@
-"""A pool directory deployed as shipped: examples/pools.d/ run by
+"""A pool directory deployed as shipped: examples/pools.d/ (pools.d/yourapplication.toml,
+pools.d/admin.toml) run by
 examples/systemd/fcgi-manager-pools.service (Type=notify, reload, stop), one app by the
 fcgi-manager@.service template, and the directory under Supervisor
 (examples/supervisor-pools.conf). Each is run the way its supervisor runs it, without
