@@ -581,6 +581,11 @@ class PoolParent:
         through their control sockets (to learn each outcome)."""
         files, errors = scan(self.directory)
         by_name = {f.name: f for f in files}
+        error_paths = {e.path for e in errors}
+        for name, app in list(self.apps.items()):
+            if not app.file.digest and not app.pid and app.file.path not in error_paths \
+                    and (not names or name in names):
+                del self.apps[name]  # a refused file, gone or fixed: forget its refusal
         known = {n: a.file for n, a in self.apps.items() if a.file.digest}
         broken = [e.name for e in errors] + [n for n, f in known.items()
                                              if f.path in {e.path for e in errors}]

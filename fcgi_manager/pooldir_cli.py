@@ -76,6 +76,7 @@ class Pool:
         self.directory = directory
         self.pidfile = pidfile
         self.control = pooldir.control_path(pidfile)
+        self.answered = False  # did the parent answer the last question?
 
     def parent_pid(self) -> Optional[int]:
         state = daemon.inspect_pidfile(self.pidfile)
@@ -243,8 +244,11 @@ class Pool:
     def _apps(self) -> List[Dict[str, Any]]:
         """The parent's table, or (no parent) the files as stopped apps."""
         try:
-            return list(self.call("status", timeout=5.0).get("apps") or [])
+            apps = list(self.call("status", timeout=5.0).get("apps") or [])
+            self.answered = True
+            return apps
         except ControlError:
+            self.answered = False
             files, errors = pooldir.scan(self.directory)
             rows = [{"name": f.name, "state": "stopped", "pid": None, "error": None,
                      "file": f.path, "control": f.control} for f in files]
@@ -279,10 +283,10 @@ class Pool:
         return rows
 
     def status(self, names: List[str], as_json: bool) -> int:
-        running = self.parent_pid() is not None
         if len(names) == 1:
             return self._status_one(names[0], as_json)
         rows = self.rows(names)
+        running = self.answered
         missing = [n for n in names if n not in {r["name"] for r in rows}]
         if missing:
             print(f"Error: no app named {', '.join(missing)} in {self.directory}",

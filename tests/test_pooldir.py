@@ -228,7 +228,12 @@ def test_two_files_on_one_socket_are_both_refused(pool: Pool) -> None:
 def test_crash_loop_is_fatal_and_a_fix_restarts_it(pool: Pool) -> None:
     pool.write("ok")
     bad = pool.write("flaky", module="no_such_module_either:app", count=1)
+    typo = pool.write("typo", workers={"cuont": 2})
     pool.start()
+    app = pool.apps()["typo"]
+    assert app["state"] == "fatal" and "typo.toml" in app["error"] and "cuont" in app["error"]
+    assert "did you mean 'count'" in app["error"], app
+    typo.unlink()
     app = pool.apps()["flaky"]
     assert app["state"] == "fatal" and "no_such_module_either" in app["error"]
     assert "keeps failing, so it is fatal" in pool.log_text()
@@ -236,6 +241,7 @@ def test_crash_loop_is_fatal_and_a_fix_restarts_it(pool: Pool) -> None:
     out = pool.cli("reload")
     assert out.returncode == 0, out
     assert pool.apps()["flaky"]["state"] == "running"
+    assert "typo" not in pool.apps()  # its file is gone: so is its refusal
 
 
 def test_foreground_run_notifies_systemd_and_stops_on_term(pool: Pool, tmp_path: Path) -> None:
