@@ -11,7 +11,8 @@ What the parent watches, in one ``selectors`` loop (no threads: it forks):
 
 * the signal wakeup fd: ``TERM``/``QUIT`` stop every app gracefully (in parallel, bounded
   by the largest ``graceful_timeout``), ``INT`` stops them at once, ``HUP`` reloads the
-  directory, ``CHLD`` reaps;
+  directory, ``USR2`` re-executes the parent (an upgrade; the masters keep serving),
+  ``CHLD`` reaps;
 * one ``sd_notify`` datagram socket (abstract, ``SO_PASSCRED``) that every master gets as
   its ``NOTIFY_SOCKET``: ``READY=1``, ``RELOADING=1``, ``STOPPING=1`` are how the parent
   knows an app's state without asking; the kernel's credentials say which master sent a
@@ -49,7 +50,7 @@ import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import config as config_mod
-from . import control, daemon, procctl
+from . import control, daemon, fdutil, procctl
 from .control_server import ControlConnection, ControlServer
 from .errors import FcgiManagerError, ProtocolError
 from .pooldir_rules import (
@@ -66,6 +67,9 @@ from .restarts import describe_exit
 
 POOL_SUFFIX = ".fcgi-manager-pool"
 POOL_COMMANDS = ("status", "start", "stop", "reload", "ping")
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
+                   signal.SIGUSR2)
+RESUME_ENV = "FCGI_MANAGER_POOL_RESUME"  # the state a re-executed parent takes over
 STOP_NOW_TIMEOUT = 5.0
 TAIL_LINES = 40
 # The environment a master must not inherit from the parent: what belongs to the
@@ -168,6 +172,32 @@ def decode_request(body: bytes) -> Tuple[Any, str, Dict[str, Any]]:
     return obj.get("id"), obj["command"], args
 
 
+def _app_state(app: App) -> Dict[str, Any]:
+    f = app.file
+    return {"file": {"name": f.name, "path": f.path, "digest": f.digest,
+                     "claims": [list(c) for c in f.claims],
+                     "graceful_timeout": f.graceful_timeout, "control": f.control},
+            "state": app.state.value, "pid": app.pid, "started_at": app.started_at,
+            "ready": app.ready, "error": app.error, "wanted": app.wanted,
+            "restart_after_stop": app.restart_after_stop, "restarts": app.restarts,
+            "failures": app.tracker.failures, "last_failure_at": app.tracker.last_failure_at,
+            "next_start_at": app.tracker.next_start_at}
+
+
+def _app_from_state(item: Dict[str, Any]) -> App:
+    f = dict(item["file"])
+    f["claims"] = tuple(tuple(c) for c in f["claims"])
+    app = App(AppFile(**f), state=AppState(item["state"]), pid=int(item["pid"]),
+              started_at=float(item["started_at"]), ready=bool(item["ready"]),
+              error=item["error"], wanted=bool(item["wanted"]),
+              restart_after_stop=bool(item["restart_after_stop"]),
+              restarts=int(item["restarts"]))
+    app.tracker.failures = int(item["failures"])
+    app.tracker.last_failure_at = float(item["last_failure_at"])
+    app.tracker.next_start_at = float(item["next_start_at"])
+    return app
+
+
 # -- the parent --------------------------------------------------------------------------
 
 class Output:
@@ -231,6 +261,23 @@ class PoolParent:
 
     def prepare(self) -> None:
         """Everything that can fail before any app starts: the pidfile, the sockets."""
+        resumed = os.environ.pop(RESUME_ENV, "")
+        if resumed:
+            self._resume(json.loads(resumed))
+        else:
+            self._prepare_fresh()
+        self.wake_r, wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        self._wake_w = wake_w
+        signal.set_wakeup_fd(wake_w.fileno())
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, self._queue_signal)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, ("signal", None))
+        if resumed:
+            self.signals.append(signal.SIGCHLD)  # masters that ended during the exec
+
+    def _prepare_fresh(self) -> None:
         state = daemon.inspect_pidfile(self.pidfile)
         if state.live and state.pid != os.getpid():
             raise FcgiManagerError(f"the pool {self.directory} is already running (pid "
@@ -251,15 +298,6 @@ class PoolParent:
         self.notify_sock.bind("\0" + self.notify_name)
         self.notify_sock.setblocking(False)
         self.selector.register(self.notify_sock, selectors.EVENT_READ, ("notify", None))
-        self.wake_r, wake_w = socket.socketpair()
-        self.wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        self._wake_w = wake_w
-        signal.set_wakeup_fd(wake_w.fileno())
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                    signal.SIGCHLD):
-            signal.signal(sig, self._queue_signal)
-        self.selector.register(self.wake_r, selectors.EVENT_READ, ("signal", None))
         for f in files:
             app = App(f)
             if not self.only or f.name in self.only:
@@ -267,6 +305,83 @@ class PoolParent:
             self.apps[f.name] = app
         for e in errors:
             self._refused(e)
+
+    # -- upgrade: the parent re-executes itself, its masters keep serving ----------------
+
+    def reexec(self) -> None:
+        """SIGUSR2 (nginx's binary upgrade): exec a fresh ``python -m fcgi_manager`` in
+        this process, so new fcgi-manager code runs the pool, while every master -- still
+        this pid's child -- keeps serving. What the new image needs crosses the exec: the
+        control and notify sockets, the locked pidfile, each master's output pipe (as
+        inherited descriptors), and each app's state (as JSON in the environment).
+        Control clients waiting for an answer are disconnected."""
+        if self.stopping or self.control is None or self.notify_sock is None:
+            return
+        for out in list(self.outputs.values()):
+            if out.buf:
+                self._line(out, out.buf)
+                out.buf = b""
+        for conn in list(self.control.conns.values()):
+            self.control.close(conn)
+        self.waiters = []
+        state = {
+            "directory": self.directory, "pidfile": self.pidfile,
+            "notify_name": self.notify_name, "notify_fd": self.notify_sock.fileno(),
+            "control_fd": self.control.sock.fileno(), "pidfile_fd": self.pidfile_fd,
+            "parent_notify": self.parent_notify, "ready_sent": self.ready_sent,
+            "outputs": [{"fd": fd, "name": out.name} for fd, out in self.outputs.items()],
+            "apps": [_app_state(app) for app in self.apps.values()],
+        }
+        fds = [state["notify_fd"], state["control_fd"], *self.outputs]
+        if self.pidfile_fd >= 0:
+            fds.append(self.pidfile_fd)
+        env = dict(os.environ)
+        env[RESUME_ENV] = json.dumps(state)
+        if self.parent_notify:
+            env["NOTIFY_SOCKET"] = self.parent_notify
+        argv = [sys.executable, "-m", "fcgi_manager", "-c", self.directory, "run",
+                "--pidfile", self.pidfile]
+        self.say("SIGUSR2: re-executing the parent; the masters keep serving")
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        signal.set_wakeup_fd(-1)
+        try:
+            os.execve(sys.executable, argv, env)
+        except OSError as exc:
+            fdutil.set_cloexec(fds)
+            signal.set_wakeup_fd(self._wake_w.fileno())
+            self.say(f"cannot re-execute ({exc.strerror}): the running parent goes on")
+
+    def _resume(self, state: Dict[str, Any]) -> None:
+        """The new image after :meth:`reexec`: adopt what the old one handed over."""
+        self.directory, self.pidfile = state["directory"], state["pidfile"]
+        self.control = ControlServer(socket.socket(fileno=state["control_fd"]), self.selector,
+                                     self._on_command, time.monotonic, decode=decode_request)
+        self.notify_name = state["notify_name"]
+        self.notify_sock = socket.socket(fileno=state["notify_fd"])
+        self.notify_sock.setblocking(False)
+        self.selector.register(self.notify_sock, selectors.EVENT_READ, ("notify", None))
+        self.pidfile_fd = int(state["pidfile_fd"])
+        self.parent_notify = state["parent_notify"]
+        self.ready_sent = bool(state["ready_sent"])
+        for item in state["apps"]:
+            app = _app_from_state(item)
+            self.apps[app.file.name] = app
+            if app.pid:
+                self.by_pid[app.pid] = app.file.name
+        fds = [state["notify_fd"], state["control_fd"]]
+        for item in state["outputs"]:
+            fd, name = int(item["fd"]), item["name"]
+            tail = self.tails.setdefault(name, collections.deque(maxlen=TAIL_LINES))
+            out = Output(fd, name, tail)
+            self.outputs[fd] = out
+            self.selector.register(fd, selectors.EVENT_READ, ("out", out))
+            fds.append(fd)
+        if self.pidfile_fd >= 0:
+            fds.append(self.pidfile_fd)
+        fdutil.set_cloexec(fds)
+        self.say(f"re-executed: pid {os.getpid()} goes on with {len(self.apps)} app(s), "
+                 f"{sum(1 for a in self.apps.values() if a.pid)} master(s) running")
 
     def _queue_signal(self, signum: int, frame: Any) -> None:
         self.signals.append(signum)  # only queued: the loop acts on it
@@ -391,8 +506,7 @@ class PoolParent:
                 if os.getppid() != parent:
                     os._exit(1)
                 signal.set_wakeup_fd(-1)
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                            signal.SIGCHLD):
+                for sig in HANDLED_SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
                 null = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(null, 0)
@@ -535,6 +649,8 @@ class PoolParent:
             elif sig == signal.SIGHUP:
                 self.say("SIGHUP: reloading the directory")
                 self.reload_dir(signal_masters=True)
+            elif sig == signal.SIGUSR2:
+                self.reexec()
 
     # -- what the operator asks ---------------------------------------------------------
 

@@ -273,3 +273,34 @@ def test_foreground_run_notifies_systemd_and_stops_on_term(pool: Pool, tmp_path:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_parent_reexec_under_load_keeps_the_masters(pool: Pool, tmp_path: Path,
+                                                    nginxes: List[PoolNginx]) -> None:
+    require_program("nginx")
+    pool.write("alpha")
+    pool.write("beta")
+    pool.start()
+    nginx = PoolNginx(tmp_path, pool, ["alpha", "beta"])
+    nginxes.append(nginx)
+    nginx.start()
+    parent = pool.parent_pid()
+    before = pool.apps()
+    with Load(nginx.port, ["alpha", "beta"]) as load:
+        os.kill(parent, signal.SIGUSR2)
+        wait_for(lambda: "re-executed: pid" in pool.log_text(), 30, "the new image")
+        served = load.served()
+        wait_for(lambda: all(load.served()[n] > served[n] + 5 for n in served), 30,
+                 "requests after the re-exec")
+    assert not load.failures, load.failures[:5]
+    assert pool.parent_pid() == parent
+    after = pool.apps()
+    assert {n: a["pid"] for n, a in after.items()} == {n: a["pid"] for n, a in before.items()}
+    # The new image runs the pool: a master that dies is still restarted by it, and
+    # per-app commands still work.
+    os.kill(after["alpha"]["pid"], signal.SIGKILL)
+    wait_for(lambda: pool.apps()["alpha"]["state"] == "running"
+             and pool.apps()["alpha"]["pid"] != after["alpha"]["pid"], 60, "alpha restarted")
+    pool.track()
+    out = pool.cli("reload", "beta")
+    assert out.returncode == 0 and "generation 2" in out.stdout, out
