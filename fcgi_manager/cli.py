@@ -145,9 +145,13 @@ def _subparser(sub: Any, name: str) -> argparse.ArgumentParser:
     return p
 
 
-def _names_option(p: argparse.ArgumentParser) -> None:
+def _names_option(p: argparse.ArgumentParser, watch: bool = False) -> None:
     p.add_argument("names", nargs="*", metavar="NAME",
                    help="with -c DIR (a pool directory): only these apps")
+    if watch:
+        p.add_argument("--watch", dest="pool_watch", type=float, default=None,
+                       metavar="SECONDS", help="with -c DIR: look at the directory every "
+                       "SECONDS and reload it when its files change")
 
 
 def _pidfile_option(p: argparse.ArgumentParser) -> None:
@@ -167,13 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = _subparser(sub, "run")
     run.add_argument("app", metavar="MODULE:APP", nargs="?", default=None,
                      help="the WSGI app (optional with -c: the file's app.module)")
-    _names_option(run)
+    _names_option(run, watch=True)
     run_flags.add_to(run)
 
     start = _subparser(sub, "start")
     start.add_argument("--foreground", "-f", action="store_true",
                        help="stay in the foreground (Supervisor, systemd, containers)")
-    _names_option(start)
+    _names_option(start, watch=True)
     _pidfile_option(start)
     stop = _subparser(sub, "stop")
     stop.add_argument("--now", action="store_true", help="stop within 5 s (no shutdown_delay)")
@@ -239,8 +243,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         from . import pooldir_cli
 
         return pooldir_cli.main(args)  # a pool directory: one master per file
-    if getattr(args, "names", None) or (args.command == "start" and args.pidfile):
-        given = "app names" if getattr(args, "names", None) else "--pidfile"
+    if getattr(args, "names", None) or getattr(args, "pool_watch", None) is not None or (
+            args.command == "start" and args.pidfile):
+        given = "app names" if getattr(args, "names", None) else "--pidfile or --watch"
         print(f"Error: {args.command}: {given} are for a pool directory (-c DIR)\nhint: "
               "with one config file, its [manager] pidfile says where the master is",
               file=sys.stderr)

@@ -141,6 +141,24 @@ def scan(directory: str) -> Tuple[List[AppFile], List[FileError]]:
     return usable, errors + refused
 
 
+def directory_signature(directory: str) -> Tuple[Tuple[Any, ...], ...]:
+    """What ``--watch`` compares: each ``*.toml``'s name, inode, size and mtime."""
+    out = []
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return ()
+    for name in names:
+        if not name.endswith(".toml"):
+            continue
+        try:
+            st = os.stat(os.path.join(directory, name))
+        except OSError:
+            continue
+        out.append((name, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
 def last_error(lines: Sequence[str]) -> str:
     """The line of a master's last output that says why it failed: its ``Error:`` line,
     else the exception line of a traceback, else its last line."""
@@ -225,10 +243,15 @@ class Waiter:
 class PoolParent:
     """Runs the apps of one directory until stopped (see the module docstring)."""
 
-    def __init__(self, directory: str, pidfile: str, only: Sequence[str] = ()) -> None:
+    def __init__(self, directory: str, pidfile: str, only: Sequence[str] = (),
+                 watch: float = 0.0) -> None:
         self.directory = os.path.abspath(directory)
         self.pidfile = pidfile
         self.only = list(only)
+        self.watch = watch  # seconds between looks at the directory (0 = only on reload)
+        self.next_look = 0.0
+        self.seen: Tuple[Tuple[Any, ...], ...] = ()  # the directory as last applied
+        self.pending: Optional[Tuple[Tuple[Any, ...], ...]] = None  # changed, settling
         self.apps: Dict[str, App] = {}
         self.outputs: Dict[int, Output] = {}  # read fd -> output
         self.by_pid: Dict[int, str] = {}
@@ -305,6 +328,7 @@ class PoolParent:
             self.apps[f.name] = app
         for e in errors:
             self._refused(e)
+        self.seen = directory_signature(self.directory)
 
     # -- upgrade: the parent re-executes itself, its masters keep serving ----------------
 
@@ -340,7 +364,7 @@ class PoolParent:
         if self.parent_notify:
             env["NOTIFY_SOCKET"] = self.parent_notify
         argv = [sys.executable, "-m", "fcgi_manager", "-c", self.directory, "run",
-                "--pidfile", self.pidfile]
+                "--pidfile", self.pidfile] + (["--watch", str(self.watch)] if self.watch else [])
         self.say("SIGUSR2: re-executing the parent; the masters keep serving")
         for fd in fds:
             os.set_inheritable(fd, True)
@@ -364,6 +388,7 @@ class PoolParent:
         self.pidfile_fd = int(state["pidfile_fd"])
         self.parent_notify = state["parent_notify"]
         self.ready_sent = bool(state["ready_sent"])
+        self.seen = directory_signature(self.directory)
         for item in state["apps"]:
             app = _app_from_state(item)
             self.apps[app.file.name] = app
@@ -393,6 +418,8 @@ class PoolParent:
             while True:
                 now = time.monotonic()
                 self._start_due(now)
+                if self.watch and now >= self.next_look and not self.stopping:
+                    self._look(now)
                 self._answer_waiters()
                 if not self.ready_sent and self._settled():
                     self._ready(ready)
@@ -427,9 +454,25 @@ class PoolParent:
             deadlines.append(self.kill_at)
         if self.waiters or (self.control is not None and self.control.conns):
             deadlines.append(now + 0.5)
+        if self.watch:
+            deadlines.append(self.next_look)
         if not deadlines:
             return 5.0
         return max(0.0, min(min(deadlines) - now, 5.0))
+
+    def _look(self, now: float) -> None:
+        """``--watch``: a changed directory is reloaded once it has looked the same for
+        one interval (an editor or a deploy writes a file in several steps)."""
+        self.next_look = now + self.watch
+        current = directory_signature(self.directory)
+        if current == self.seen:
+            self.pending = None
+        elif current == self.pending:
+            self.say("the directory changed: reloading it")
+            self.seen, self.pending = current, None
+            self.reload_dir(signal_masters=True)
+        else:
+            self.pending = current
 
     def _settled(self) -> bool:
         return all(a.state in (AppState.RUNNING, AppState.FATAL, AppState.STOPPED)
@@ -695,6 +738,7 @@ class PoolParent:
         """Apply the directory as it is now (only to ``names``, if given). Masters to
         reload are signalled (``signal_masters``) or returned for the caller to reload
         through their control sockets (to learn each outcome)."""
+        self.seen, self.pending = directory_signature(self.directory), None
         files, errors = scan(self.directory)
         by_name = {f.name: f for f in files}
         error_paths = {e.path for e in errors}

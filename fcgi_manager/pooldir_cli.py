@@ -45,6 +45,11 @@ def main(args: argparse.Namespace) -> int:
         pooldir.default_pidfile(args.config)
     pool = Pool(os.path.abspath(args.config), os.path.abspath(pidfile))
     names = names_of(args)
+    if args.command in ("run", "start"):
+        pool.watch = float(getattr(args, "pool_watch", None) or 0.0)
+        if pool.watch < 0:
+            print("Error: --watch must be a number of seconds", file=sys.stderr)
+            return 2
     try:
         if args.command == "run":
             flags = [k for k, v in vars(args).items()
@@ -77,6 +82,7 @@ class Pool:
         self.pidfile = pidfile
         self.control = pooldir.control_path(pidfile)
         self.answered = False  # did the parent answer the last question?
+        self.watch = 0.0  # run/start --watch SECONDS
 
     def parent_pid(self) -> Optional[int]:
         state = daemon.inspect_pidfile(self.pidfile)
@@ -91,7 +97,7 @@ class Pool:
     def _parent(self, names: List[str]) -> pooldir.PoolParent:
         from . import procctl, proctitle
 
-        parent = pooldir.PoolParent(self.directory, self.pidfile, names)
+        parent = pooldir.PoolParent(self.directory, self.pidfile, names, self.watch)
         parent.prepare()
         proctitle._set_cmdline(f"fcgi-manager: pool ({self.directory})")
         procctl.set_name("fcgi-mgr pool")

@@ -304,3 +304,23 @@ def test_parent_reexec_under_load_keeps_the_masters(pool: Pool, tmp_path: Path,
     pool.track()
     out = pool.cli("reload", "beta")
     assert out.returncode == 0 and "generation 2" in out.stdout, out
+
+
+def test_watch_applies_the_directory_without_a_reload(pool: Pool) -> None:
+    pool.write("first")
+    changed = pool.write("second")
+    out = pool.cli("start", "--watch", "0.2")
+    assert out.returncode == 0, out
+    pool.write("third")  # added
+    pool.wait_state("third", "running", 60)
+    pool.write("second", count=3)  # changed
+    wait_for(lambda: json.loads(pool.cli("status", "--json", "second").stdout)
+             .get("generation") == 2, 60, "second reloaded")
+    first_pid = pool.apps()["first"]["pid"]
+    (pool.dir / "first.toml").unlink()  # removed
+    pool.wait_state("first", "stopped", 60)
+    pool.track()
+    assert not psutil.pid_exists(first_pid) or \
+        psutil.Process(first_pid).status() == psutil.STATUS_ZOMBIE
+    assert "the directory changed: reloading it" in pool.log_text()
+    assert changed.exists()
