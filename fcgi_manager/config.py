@@ -29,7 +29,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .accesslog import check_format as check_access_format
 from .errors import ConfigError
@@ -118,9 +118,10 @@ class ManagerConfig:
     access_log: str = ""  # path, "-" = stderr, "" = off (second round)
     access_format: str = ""  # "" = the built-in format (second round)
     shutdown_delay: float = 0.0  # seconds the ping path answers 503 before a stop (second round)
-    rlimit_files: Optional[int] = None  # RLIMIT_NOFILE of the workers (None: inherited)
-    rlimit_core: Optional[int] = None  # RLIMIT_CORE of the workers; -1 = unlimited
-    priority: Optional[int] = None  # nice value of the workers (None: the master's)
+    # php-fpm's pool limits, set in the workers ("" = inherited from the master)
+    rlimit_files: Union[int, str] = ""  # RLIMIT_NOFILE: a number
+    rlimit_core: Union[int, str] = ""  # RLIMIT_CORE: bytes, or "unlimited"
+    priority: Union[int, str] = ""  # the workers' nice value, -20..19
 
 
 @dataclass(frozen=True)
@@ -243,15 +244,20 @@ def _convert(section: str, key: str, value: Any, source: str, base: str,
                 raise ConfigError(f"{where}: {name!r} is not a user or group name")
         return names
     if full in ("manager.rlimit_files", "manager.rlimit_core"):
-        if value == "unlimited" or value == -1:
-            return -1
+        if value in ("", "unlimited"):
+            return value
+        if value == -1:
+            return "unlimited"
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{where}: expected a whole number or \"unlimited\", got "
-                              f"{value!r}")
+            raise ConfigError(f"{where}: expected a whole number, \"unlimited\" or \"\" "
+                              f"(inherited), got {value!r}")
         return value
     if full == "manager.priority":
+        if value == "":
+            return value
         if isinstance(value, bool) or not isinstance(value, int) or not -20 <= value <= 19:
-            raise ConfigError(f"{where}: expected a nice value from -20 to 19, got {value!r}")
+            raise ConfigError(f"{where}: expected a nice value from -20 to 19 (or \"\": "
+                              f"inherited), got {value!r}")
         return value
     if full == "status.listen":
         text = _expect(value, (str,), where, 'an address like "unix:/run/app-status.sock"')

@@ -16,17 +16,22 @@ from typing import Any, List, Optional, Tuple
 
 from .errors import ConfigError
 
-UNLIMITED = -1  # how the config spells "unlimited" (resource.RLIM_INFINITY on Linux)
-
 
 def _wanted(manager: Any) -> List[Tuple[str, int, int]]:
+    """(key, resource, value) for each limit the config sets ("" = inherited)."""
     out = []
     for key, which in (("rlimit_files", resource.RLIMIT_NOFILE),
                        ("rlimit_core", resource.RLIMIT_CORE)):
-        value: Optional[int] = getattr(manager, key, None)
-        if value is not None:
-            out.append((key, which, resource.RLIM_INFINITY if value == UNLIMITED else value))
+        value = getattr(manager, key, "")
+        if value != "":
+            out.append((key, which, resource.RLIM_INFINITY if value == "unlimited"
+                        else int(value)))
     return out
+
+
+def _priority(manager: Any) -> Optional[int]:
+    value = getattr(manager, "priority", "")
+    return None if value == "" else int(value)
 
 
 def check(manager: Any) -> None:
@@ -53,7 +58,7 @@ def check(manager: Any) -> None:
         if which == resource.RLIMIT_NOFILE and value == resource.RLIM_INFINITY:
             raise ConfigError("manager.rlimit_files: open files cannot be unlimited",
                               "give a number, e.g. 65536")
-    priority = getattr(manager, "priority", None)
+    priority = _priority(manager)
     if priority is not None and priority < os.getpriority(os.PRIO_PROCESS, 0) \
             and os.geteuid() != 0:
         raise ConfigError(f"manager.priority = {priority}: only root can lower the nice "
@@ -64,7 +69,7 @@ def apply(manager: Any) -> None:
     """In a worker or the zygote, before the drop: set the limits and the nice value."""
     for _, which, value in _wanted(manager):
         resource.setrlimit(which, (value, value))
-    priority = getattr(manager, "priority", None)
+    priority = _priority(manager)
     if priority is not None:
         os.setpriority(os.PRIO_PROCESS, 0, priority)
 

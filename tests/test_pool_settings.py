@@ -56,12 +56,12 @@ def test_values_as_read() -> None:
                        "acl_groups": ["www-data"]},
                workers={"max_spawn_rate": 8}, status={"listen": "unix:status.sock"})
     assert (cfg.manager.rlimit_files, cfg.manager.rlimit_core, cfg.manager.priority) == \
-        (65536, -1, -5)
+        (65536, "unlimited", -5)
     assert cfg.listen.acl_users == ("www-data",) and cfg.listen.acl_groups == ("www-data",)
     assert cfg.workers.max_spawn_rate == 8
     assert cfg.status.listen == "unix:/etc/status.sock"  # relative to the file
     defaults = _cfg()
-    assert defaults.manager.rlimit_files is None and defaults.manager.priority is None
+    assert defaults.manager.rlimit_files == defaults.manager.priority == ""  # inherited
     assert defaults.workers.max_spawn_rate == 32 and defaults.status.listen == ""
 
 
