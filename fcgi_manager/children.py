@@ -25,7 +25,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
-from . import fdutil, logs, notify, procctl, proctitle, sockets
+from . import fdutil, limits, logs, notify, procctl, proctitle, sockets
 from . import status as status_mod
 from .appload import load_app, prepare_import, run_post_fork
 from .config import Config
@@ -154,6 +154,7 @@ def _worker_main(setup: WorkerSetup, slot: int, out_w: int, note_w: int, max_req
     sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", errors="replace")
     logs.setup_worker(setup.cfg.manager.log_level, setup.cfg.manager.log_format)
     proctitle.set_worker(slot + 1, proctitle.title_name(setup.cfg))
+    limits.apply(setup.cfg.manager)  # before the drop (a hard limit needs root) and the app
     setup.user.drop()
     # After the uid change: the kernel clears the parent-death signal on it.
     procctl.set_pdeathsig(signal.SIGTERM)
@@ -200,6 +201,7 @@ def start_zygote(setup: WorkerSetup, master: MasterFds, timeout: float) -> Zygot
     def prepare_child() -> None:
         proctitle.set_zygote(proctitle.title_name(setup.cfg))
         leave_master(master)
+        limits.apply(setup.cfg.manager)  # the workers it forks inherit them
         setup.user.drop()
 
     def load() -> None:

@@ -47,6 +47,9 @@ commands:
 
 Settings come from flags > environment (FCGI_MANAGER_<SECTION>_<KEY>, WEB_CONCURRENCY)
 > the config file > defaults. `fcgi-manager COMMAND --help` says more, with exit statuses.
+
+-c DIR (a directory): every DIR/*.toml is one app with its own master; run, start, stop,
+restart, reload and status act on all of them, or on the app names given after the command.
 """
 
 # What each command does and how it exits, for its --help (summary, description, exits).
@@ -150,6 +153,15 @@ def _subparser(sub: Any, name: str) -> argparse.ArgumentParser:
     return p
 
 
+def _names_option(p: argparse.ArgumentParser, watch: bool = False) -> None:
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="with -c DIR (a pool directory): only these apps")
+    if watch:
+        p.add_argument("--watch", dest="pool_watch", type=float, default=None,
+                       metavar="SECONDS", help="with -c DIR: look at the directory every "
+                       "SECONDS and reload it when its files change")
+
+
 def _pidfile_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pidfile", default=None, metavar="PATH",
                    help="the master whose pidfile is PATH (a `run` or WSGIServer master "
@@ -167,18 +179,24 @@ def build_parser() -> argparse.ArgumentParser:
     run = _subparser(sub, "run")
     run.add_argument("app", metavar="MODULE:APP", nargs="?", default=None,
                      help="the WSGI app (optional with -c: the file's app.module)")
+    _names_option(run, watch=True)
     run_flags.add_to(run)
 
     start = _subparser(sub, "start")
     start.add_argument("--foreground", "-f", action="store_true",
                        help="stay in the foreground (Supervisor, systemd, containers)")
+    _names_option(start, watch=True)
+    _pidfile_option(start)
     stop = _subparser(sub, "stop")
     stop.add_argument("--now", action="store_true", help="stop within 5 s (no shutdown_delay)")
+    _names_option(stop)
     _pidfile_option(stop)
-    _subparser(sub, "restart")
+    _names_option(_subparser(sub, "restart"))
     reload = _subparser(sub, "reload")
+    _names_option(reload)
     _pidfile_option(reload)
     st = _subparser(sub, "status")
+    _names_option(st)
     st.add_argument("--json", action="store_true", help="one JSON object")
     st.add_argument("--watch", action="store_true",
                     help="live view (q quits); piped: one snapshot per interval")
@@ -229,6 +247,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     _same_directory_as_at_start()
     if not args.command:
         parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if args.config and os.path.isdir(args.config):
+        from . import pooldir_cli
+
+        return pooldir_cli.main(args)  # a pool directory: one master per file
+    if getattr(args, "names", None) or getattr(args, "pool_watch", None) is not None or (
+            args.command == "start" and args.pidfile):
+        given = "app names" if getattr(args, "names", None) else "--pidfile or --watch"
+        print(f"Error: {args.command}: {given} are for a pool directory (-c DIR)\nhint: "
+              "with one config file, its [manager] pidfile says where the master is",
+              file=sys.stderr)
         return EXIT_USAGE
     handler: Callable[[argparse.Namespace], int] = COMMANDS[args.command]
     try:

@@ -29,7 +29,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .accesslog import check_format as check_access_format
 from .errors import ConfigError
@@ -61,6 +61,8 @@ class ListenConfig:
     owner: str = ""
     group: str = ""
     allowed_clients: Tuple[str, ...] = ()
+    acl_users: Tuple[str, ...] = ()  # POSIX ACL entries granting rw on the unix socket
+    acl_groups: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class WorkersConfig:
     max_idle_connections: int = 1024
     max_body: int = 0  # bytes, 0 = no limit; larger request bodies get 413 (second round)
     threads: int = 1  # requests run at once in each worker (second round)
+    max_spawn_rate: int = 32  # workers forked per second at most when a dynamic pool grows
 
     @property
     def effective_count(self) -> int:
@@ -98,6 +101,7 @@ class StatusConfig:
     ping_path: str = ""
     ping_response: str = "pong"
     show_query: bool = False  # query strings shown as "?…" unless true (second round)
+    listen: str = ""  # an extra socket the master answers status/ping/metrics on itself
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,10 @@ class ManagerConfig:
     access_log: str = ""  # path, "-" = stderr, "" = off (second round)
     access_format: str = ""  # "" = the built-in format (second round)
     shutdown_delay: float = 0.0  # seconds the ping path answers 503 before a stop (second round)
+    # php-fpm's pool limits, set in the workers ("" = inherited from the master)
+    rlimit_files: Union[int, str] = ""  # RLIMIT_NOFILE: a number
+    rlimit_core: Union[int, str] = ""  # RLIMIT_CORE: bytes, or "unlimited"
+    priority: Union[int, str] = ""  # the workers' nice value, -20..19
 
 
 @dataclass(frozen=True)
@@ -225,6 +233,35 @@ def _convert(section: str, key: str, value: Any, source: str, base: str,
             value = [value]
         _expect(value, (list,), where, "a list of IP addresses")
         return tuple(_expect(v, (str,), where, "an IP address") for v in value)
+    if full in ("listen.acl_users", "listen.acl_groups"):
+        if isinstance(value, str):
+            value = [value]
+        what = "a list of user names" if full.endswith("users") else "a list of group names"
+        _expect(value, (list,), where, what)
+        names = tuple(_expect(v, (str,), where, what) for v in value)
+        for name in names:
+            if not re.fullmatch(r"[\w.][\w.$-]*", name):
+                raise ConfigError(f"{where}: {name!r} is not a user or group name")
+        return names
+    if full in ("manager.rlimit_files", "manager.rlimit_core"):
+        if value in ("", "unlimited"):
+            return value
+        if value == -1:
+            return "unlimited"
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{where}: expected a whole number, \"unlimited\" or \"\" "
+                              f"(inherited), got {value!r}")
+        return value
+    if full == "manager.priority":
+        if value == "":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or not -20 <= value <= 19:
+            raise ConfigError(f"{where}: expected a nice value from -20 to 19 (or \"\": "
+                              f"inherited), got {value!r}")
+        return value
+    if full == "status.listen":
+        text = _expect(value, (str,), where, 'an address like "unix:/run/app-status.sock"')
+        return _resolve_bind(text, base) if text else ""
     if full == "listen.mode":
         if isinstance(value, int) and not isinstance(value, bool):
             # 660 (the digits as written, more than 0o777) or 0o660 (a TOML octal integer)
@@ -326,6 +363,20 @@ def _check(cfg: Config, source: str) -> None:
         value = getattr(cfg.status, key)
         if value and not value.startswith("/"):
             raise err(f"status.{key}", f"must start with '/', got {value!r}")
+    if w.max_spawn_rate < 1 or w.max_spawn_rate > 1024:
+        raise err("workers.max_spawn_rate", "must be between 1 and 1024")
+    if (li.acl_users or li.acl_groups) and not li.bind.startswith("unix:"):
+        key = "listen.acl_users" if li.acl_users else "listen.acl_groups"
+        raise err(key, f"ACLs are for a unix socket, and listen.bind is {li.bind!r}")
+    if cfg.status.listen:
+        from .sockets import parse_address
+
+        kind = parse_address(cfg.status.listen, _where(source, "status.listen")).kind
+        if kind not in ("unix", "tcp"):
+            raise err("status.listen", "must be a unix socket or a TCP address")
+        if cfg.status.listen == li.bind:
+            raise err("status.listen", "must not be listen.bind: the status socket is "
+                                       "another socket, answered by the master itself")
     if app.script_name and not app.script_name.startswith("/"):
         raise err("app.script_name", f"must start with '/' (or be \"\"), got {app.script_name!r}")
 

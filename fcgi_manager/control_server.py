@@ -50,8 +50,10 @@ class ControlConnection:
 
 class ControlServer:
     def __init__(self, sock: socket.socket, selector: selectors.BaseSelector,
-                 handler: RequestHandler, clock: Callable[[], float]) -> None:
+                 handler: RequestHandler, clock: Callable[[], float],
+                 decode: Callable[[bytes], Any] = control.decode_request) -> None:
         self.sock = sock
+        self.decode = decode  # (id, command, args) from a body; the pool parent has its own
         self.selector = selector
         self.handler = handler
         self.clock = clock
@@ -104,7 +106,7 @@ class ControlServer:
             body = conn.reader.feed(data)
             if body is None:
                 return
-            conn.req_id, name, args = control.decode_request(body)
+            conn.req_id, name, args = self.decode(body)
         except ProtocolError as exc:
             self.reply(conn, ok=False, error=str(exc))
             return

@@ -134,6 +134,7 @@ class Master:
         self.channels: Dict[int, HandoffChannel] = {}
         self.sock_inode = 0
         self.control: Optional[ControlServer] = None
+        self.status_listener: Any = None  # status_listen.StatusListener, for status.listen
         self.board = Scoreboard(0)  # replaced in prepare()
         self.death_r = self.death_w = -1
         self.wakeup_r = self.wakeup_w = -1
@@ -191,6 +192,15 @@ class Master:
                                                     cfg.listen.mode, cfg.listen.owner,
                                                     cfg.listen.group)
             self.sock_inode = sockets.socket_file_inode(self.address)
+            from . import acl
+
+            acl.grant(self.address.path if self.address.kind == "unix" else "",
+                      cfg.listen.acl_users, cfg.listen.acl_groups)
+        from . import limits, status_listen
+
+        limits.check(cfg.manager)
+        self.status_listener = status_listen.open_for(cfg, self.selector, lambda: self.board,
+                                                      time.monotonic)
         os.umask(cfg.manager.umask)
         # Before app.clear_env empties the environment: the filter never depends on it.
         self.client_filter = sockets.ClientFilter.from_config(cfg.listen.allowed_clients)
@@ -333,6 +343,8 @@ class Master:
                 self._drain_wakeup()
             elif kind == "control" and self.control is not None:
                 self.control.on_event(obj, mask)
+            elif kind == "status_listen" and self.status_listener is not None:
+                self.status_listener.on_event(obj, mask)
             elif kind == "listener":
                 self.feed(sv.ListenerReadable(time.monotonic(), self._slot_views()))
             elif kind == "out":
@@ -349,6 +361,8 @@ class Master:
         if now >= self.next_tick and self.running:
             self.next_tick = now + TICK
             self._tick(now)
+            if self.status_listener is not None:
+                self.status_listener.sweep(now)
 
     def feed(self, event: Any) -> None:
         """Give the supervisor one event and perform its actions (which may feed more)."""
@@ -502,6 +516,8 @@ class Master:
                *self.child_close_fds]
         if self.control is not None:
             fds += self.control.child_fds()
+        if self.status_listener is not None:
+            fds += self.status_listener.child_fds()
         for io in self.io.values():
             fds += [io.out_fd, io.notify_fd]
         if self.validation is not None:
@@ -983,6 +999,9 @@ class Master:
             self.zygote.stop()
             self.zygote = None
         self._close_listener()
+        if self.status_listener is not None:
+            self.status_listener.close_all()
+            self.status_listener = None
         if self.control is not None:
             reload = self.sup.reload
             for conn in reload.waiters if reload is not None else []:

@@ -6,7 +6,9 @@ Pure decisions on a snapshot of the pool, so every rule is a unit test:
 ``dynamic``   keep ``min_spare``..``max_spare`` idle workers, never more than
               ``max_workers``; connections waiting in the listen queue count as demand
               too, so a burst is met as fast as it arrives. Under a burst the number
-              forked per tick doubles (1, 2, 4, ... 32) while demand lasts; above
+              forked per tick doubles (1, 2, 4, ...) while demand lasts, and at most
+              ``max_spawn_rate`` (32) are forked in any second (php-fpm's
+              ``pm.max_spawn_rate``); above
               ``max_spare`` one idle worker is retired per second, so a pool shrinks
               gently after a burst instead of thrashing.
 ``ondemand``  no worker at rest; the master watches the listening socket and forks when
@@ -56,6 +58,8 @@ class PoolSizer:
     def __init__(self, workers_cfg) -> None:  # type: ignore[no-untyped-def]
         self.cfg = workers_cfg
         self.spawn_rate = 1
+        self.window_start = -1.0  # workers.max_spawn_rate: forks counted per second
+        self.window_spawned = 0
         self.last_retire = 0.0
         self.at_max = False
 
@@ -77,8 +81,12 @@ class PoolSizer:
                 decision.reached_max = True
                 self.at_max = True
             return
-        decision.spawn = min(want, room, self.spawn_rate)
-        self.spawn_rate = min(self.spawn_rate * 2, MAX_SPAWN_RATE)
+        limit = getattr(self.cfg, "max_spawn_rate", MAX_SPAWN_RATE)
+        if self.window_start < 0 or view.now - self.window_start >= 1.0:
+            self.window_start, self.window_spawned = view.now, 0
+        decision.spawn = max(0, min(want, room, self.spawn_rate, limit - self.window_spawned))
+        self.window_spawned += decision.spawn
+        self.spawn_rate = min(self.spawn_rate * 2, limit)
         if decision.spawn < want and decision.spawn == room and not self.at_max:
             decision.reached_max = True
             self.at_max = True

@@ -86,8 +86,8 @@ def test_dynamic_spawn_rate_doubles_up_to_32_while_demand_lasts() -> None:
     sizer = dynamic(max_workers=1000, max_spare=1000)
     spawned = []
     total = 0
-    for _ in range(9):
-        d = sizer.decide(busy_pool(total, waiting=10_000))
+    for second in range(9):  # a second apart: max_spawn_rate (32) bounds each second
+        d = sizer.decide(busy_pool(total, waiting=10_000, now=1000.0 + second))
         spawned.append(d.spawn)
         total += d.spawn
         assert not d.retire

@@ -71,11 +71,16 @@ RUN_BY = {
     "nginx/sse.conf": "test_nginx_sse.py",
     "nginx/subpath.conf": "test_nginx.py",
     "nginx/upstream.conf": "test_nginx_upstream.py",
+    "pools.d/admin.toml": "test_pool_units.py",
+    "pools.d/yourapplication.toml": "test_pool_units.py",
     "spawn-fcgi.sh": "test_spawn_fcgi.py",
     "sse/events.py": "test_nginx_sse.py",
+    "supervisor-pools.conf": "test_pool_units.py",
     "supervisord.conf": "test_supervisor.py",
     "systemd/fcgi-manager.service": "test_systemd_units.py",
     "systemd/fcgi-manager.socket": "test_systemd_units.py",
+    "systemd/fcgi-manager-pools.service": "test_pool_units.py",
+    "systemd/fcgi-manager@.service": "test_pool_units.py",
 }
 
 
