@@ -62,6 +62,9 @@ PROGRAMS = {
     "unshare": "fcgi-manager as PID 1 of a PID namespace (tests/containers)",
     "nsenter": "commands run inside that namespace (tests/containers)",
     "setpriv": "the container image's unprivileged user (tests/containers)",
+    "systemd-socket-activate": "the shipped systemd units under socket activation (systemd)",
+    "setfacl": "listen.acl_users/acl_groups on a real socket (acl)",
+    "getfacl": "reading back the socket's ACL (acl)",
 }
 
 # Programs to treat as missing (comma-separated names): a bare machine, without

@@ -103,6 +103,7 @@ def _limits(pid: int) -> Dict[str, str]:
     return out
 
 
+@pytest.mark.needs("setfacl", "getfacl")
 def test_limits_priority_and_acl_on_real_workers(make_manager: Callable[..., Manager]) -> None:
     require_program("setfacl")
     getfacl = require_program("getfacl")
@@ -125,6 +126,7 @@ def test_limits_priority_and_acl_on_real_workers(make_manager: Callable[..., Man
     assert "user:nobody:rw-" in acl_text and "group:nogroup:rw-" in acl_text, acl_text
 
 
+@pytest.mark.needs("nginx")
 def test_status_listen_answers_while_every_worker_sleeps(
         make_manager: Callable[..., Manager], tmp_path: Path, make_nginx: Callable) -> None:
     require_program("nginx")

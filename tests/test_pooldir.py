@@ -59,6 +59,7 @@ def _three_apps(pool: Pool) -> None:
     pool.write("gamma")
 
 
+@pytest.mark.needs("nginx")
 def test_one_import_fails_the_others_serve_behind_one_nginx(pool: Pool, tmp_path: Path,
                                                             nginxes: List[PoolNginx]) -> None:
     require_program("nginx")
@@ -106,6 +107,7 @@ def test_one_import_fails_the_others_serve_behind_one_nginx(pool: Pool, tmp_path
     assert not pool.socket("alpha").exists()
 
 
+@pytest.mark.needs("nginx")
 def test_master_killed_is_restarted_while_the_others_serve(pool: Pool, tmp_path: Path,
                                                            nginxes: List[PoolNginx]) -> None:
     require_program("nginx")
@@ -132,6 +134,7 @@ def test_master_killed_is_restarted_while_the_others_serve(pool: Pool, tmp_path:
     assert "alpha: master (pid" in pool.log_text()
 
 
+@pytest.mark.needs("nginx")
 def test_reload_one_app_under_load_fails_no_request(pool: Pool, tmp_path: Path,
                                                   nginxes: List[PoolNginx]) -> None:
     require_program("nginx")
@@ -275,6 +278,7 @@ def test_foreground_run_notifies_systemd_and_stops_on_term(pool: Pool, tmp_path:
             proc.wait()
 
 
+@pytest.mark.needs("nginx")
 def test_parent_reexec_under_load_keeps_the_masters(pool: Pool, tmp_path: Path,
                                                     nginxes: List[PoolNginx]) -> None:
     require_program("nginx")

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable, List
 
+import pytest
 from support import (
     Manager,
     ProcessTracker,
@@ -47,6 +48,7 @@ def activate_env() -> List[str]:
             if name.startswith(("PYTHON", "FCGI_MANAGER_")) or name in ("PATH", "HOME")]
 
 
+@pytest.mark.needs("systemd-socket-activate")
 def test_the_passed_socket_that_is_listen_bind_is_used(make_manager: MakeManager,
                                                        tmp_path: Path) -> None:
     activate = require_program("systemd-socket-activate")

@@ -67,6 +67,7 @@ def test_initd_after_a_reboot(site: Site, procs: Procs) -> None:
     assert initd("status", defaults).returncode == 3
 
 
+@pytest.mark.needs("supervisord", "supervisorctl")
 def test_supervisord_after_a_reboot(site: Site, procs: Procs) -> None:
     reboot(site)
     supervisor = Supervisor(site, procs)
@@ -84,6 +85,7 @@ def _activate_env() -> List[str]:
             if k.startswith(("PYTHON", "FCGI_MANAGER_")) or k in ("PATH", "HOME", "LANG")]
 
 
+@pytest.mark.needs("systemd-socket-activate")
 def test_systemd_service_socket_and_config_start_together(site: Site, procs: Procs) -> None:
     activate = require_program("systemd-socket-activate")
     service = parse_unit(site.render("systemd/fcgi-manager.service").read_text())
@@ -110,6 +112,7 @@ def test_systemd_service_socket_and_config_start_together(site: Site, procs: Pro
     assert Path(path).exists(), "the socket is systemd's: it stays"
 
 
+@pytest.mark.needs("nginx")
 def test_stock_nginx_as_www_data_in_front_of_app_toml(site: Site, procs: Procs) -> None:
     """examples/app.toml as shipped, started by root, and nginx as Debian runs it."""
     require_program("nginx")
@@ -179,6 +182,7 @@ class LighttpdAsWebUser(Lighttpd):
         return super().start()
 
 
+@pytest.mark.needs("lighttpd")
 def test_lighttpd_bin_path_socket_in_a_directory_its_user_can_write(site: Site,
                                                                      procs: Procs) -> None:
     """examples/lighttpd/bin-path.conf as shipped, lighttpd running as www-data: it creates
@@ -215,6 +219,7 @@ def _substituted(site: Site, text: str) -> str:
     return re.sub(r"(?m)^fcgi-manager ", f"{site.fcgi_manager} ", text)
 
 
+@pytest.mark.needs("cgi-fcgi")
 def test_readme_shell_blocks_run_as_written(site: Site, procs: Procs) -> None:
     """Each shell block of the README is run here (paths substituted), or is run by the
     test named for it, or only names files that must exist: a new block fails this test
@@ -224,6 +229,9 @@ def test_readme_shell_blocks_run_as_written(site: Site, procs: Procs) -> None:
         "cd /srv/yourapplication": "test_readme_quickstart.py",
         "exec spawn-fcgi": "test_spawn_fcgi.py",
         "docker build": "tests/containers (no Docker engine here: read as data)",
+        "/etc/fcgi-manager/pools.d": "test_pooldir.py and frontends/test_pool_units.py",
+        "python3 -m pytest": "test_ci.py (the same command as .ci/run, which CI runs)",
+        "apt-get install": "test_ci.py (the same packages as .ci/run installs)",
     }
     config = site.render_toml("flask_app/fcgi-manager.toml", override=site.test_overrides())
     manager = Manager(site, procs, config)

@@ -17,6 +17,8 @@ import subprocess
 from pathlib import Path
 from typing import Dict, List
 
+import pytest
+
 from .support import (
     Procs,
     Site,
@@ -140,6 +142,7 @@ class Supervisor:
         return found.group(1) if found else ""
 
 
+@pytest.mark.needs("supervisord", "supervisorctl")
 def test_supervisor_runs_the_directory(site: Site, procs: Procs) -> None:
     sup = Supervisor(site, procs)
     wait_for(lambda: sup.state() == "RUNNING" and all(
