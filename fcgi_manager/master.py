@@ -757,6 +757,9 @@ class Master:
                     self.feed(sv.WorkerReady(io.pid, time.monotonic()))
                 elif kind == notify.BOOT_ERROR:
                     self.feed(sv.WorkerBootError(io.pid, payload.decode("utf-8", "replace")))
+                elif kind == notify.LEAVING:
+                    self.feed(sv.WorkerLeaving(io.pid, payload.decode("ascii", "replace"),
+                                               time.monotonic()))
             if not final:
                 return
 

@@ -6,6 +6,9 @@ selector. Frames, in order, never interleaved (one writer per pipe)::
     kind     1 byte    b"R" ready: the app is imported and the worker accepts
                        b"E" boot error: the payload is the error text (traceback, message,
                             hint), and the worker exits with EXIT_BOOT_ERROR next
+                       b"L" leaving: the worker stopped accepting on its own (the payload
+                            is why: ``max_requests``, ``max_memory``) and finishes what it
+                            serves; the master starts its replacement at once
     length   4 bytes   big-endian unsigned, the payload's size (0 for b"R")
     payload  length bytes, UTF-8
 
@@ -20,6 +23,7 @@ from typing import List, Tuple
 
 READY = b"R"
 BOOT_ERROR = b"E"
+LEAVING = b"L"
 HEAD = struct.Struct("!cI")
 MAX_PAYLOAD = 60000
 

@@ -109,6 +109,9 @@ _SUM = struct.Struct("=d")
 LOG_EPOCH_OFF = HEADER_SIZE - 1
 assert FLAGS_OFF + FLAGS.size <= LOG_EPOCH_OFF
 
+STOP_FLAG_STOPPING = 1  # the slot's "stop requested" value: asked to stop, or leaving
+STOP_FLAG_STUCK = 2  # missed its heartbeat: being replaced
+
 _BUSY = STATE_CODES[WorkerState.BUSY]
 _IDLE = STATE_CODES[WorkerState.IDLE]
 
@@ -298,7 +301,15 @@ class Scoreboard:
         whatever the worker writes while it finishes its request (a flag of the master's
         own, so the worker's idle/busy writes never undo it)."""
         off = HEADER_SIZE + slot * SLOT_SIZE + COUNTERS_OFF + 12
-        struct.pack_into("=I", self.mem, off, 1)
+        (flag,) = struct.unpack_from("=I", self.mem, off)
+        if flag != STOP_FLAG_STUCK:
+            struct.pack_into("=I", self.mem, off, STOP_FLAG_STOPPING)
+
+    def mark_stuck(self, slot: int) -> None:
+        """An idle worker missed its heartbeat for workers.timeout: status shows ``stuck``
+        until it is reaped."""
+        off = HEADER_SIZE + slot * SLOT_SIZE + COUNTERS_OFF + 12
+        struct.pack_into("=I", self.mem, off, STOP_FLAG_STUCK)
 
     def read_slot(self, slot: int) -> Dict[str, object]:
         off = HEADER_SIZE + slot * SLOT_SIZE
@@ -352,6 +363,7 @@ class Scoreboard:
                            u.rstrip(b"\0").decode("utf-8", "replace"))
                           for since, m, u in flights],
             "stopping": bool(stop_requested),
+            "stuck": stop_requested == STOP_FLAG_STUCK,
         }
 
     def used_slots(self) -> Iterator[int]:
@@ -444,6 +456,11 @@ class SlotWriter:
     def count_shed(self) -> None:
         self.shed += 1
         struct.pack_into("=Q", self.mem, self.off + COUNTERS_OFF, self.shed)
+
+    def leaving(self) -> None:
+        """This worker stopped accepting on its own: status shows it ``stopping`` at once
+        (the master sets the same flag when it hears of it; both write 1)."""
+        struct.pack_into("=I", self.mem, self.off + COUNTERS_OFF + 12, STOP_FLAG_STOPPING)
 
 
 class ThreadSlotWriter:

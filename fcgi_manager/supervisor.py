@@ -123,6 +123,16 @@ class WorkerReady:
 
 
 @dataclass(frozen=True)
+class WorkerLeaving:
+    """The worker stopped accepting on its own (``reason``: max_requests, max_memory) and
+    finishes the requests it has: it is replaced now, not when it exits."""
+
+    pid: int
+    reason: str
+    now: float
+
+
+@dataclass(frozen=True)
 class WorkerBootError:
     pid: int
     text: str
@@ -466,6 +476,11 @@ class Supervisor:
         missing = self.target - self.current_count()
         if self.restarts.backing_off:
             missing = min(missing, 1)  # one at a time while backing off
+        # Workers of this generation still finishing after they left (recycled, timed
+        # out, stuck) keep their process: at most ``target`` of them beside the ``target``
+        # serving ones, so that workers that all recycle at once (and whose replacements
+        # recycle too) never make a spawn loop. Past that, a replacement waits for an exit.
+        missing = min(missing, self._room_for_processes())
         for _ in range(max(0, missing)):
             slot = self._free_slot()
             if slot is None:
@@ -479,6 +494,11 @@ class Supervisor:
             self._emit(Spawn(slot, self.generation))
         if self.restarts.backing_off and self.target > self.current_count():
             self._backoff(now)
+
+    def _room_for_processes(self) -> int:
+        alive = sum(1 for w in self.workers.values() if w.generation == self.generation)
+        pending = sum(1 for gen, _ in self.pending.values() if gen == self.generation)
+        return 2 * max(self.target, 1) - alive - pending
 
     def _on_Spawned(self, ev: Spawned) -> None:
         generation, respawn = self.pending.pop(ev.slot)
@@ -505,6 +525,22 @@ class Supervisor:
         w.idle_since = ev.now
         self._log(logging.INFO, f"{w.name()} is ready (generation {w.generation})")
         self._check_ready(ev.now)
+
+    def _on_WorkerLeaving(self, ev: WorkerLeaving) -> None:
+        """Count it as leaving at once, so that its replacement accepts while it finishes
+        (no new request waits for its slowest one). It exits on its own; the master kills
+        it only if it is still there once its requests had all the time they may take."""
+        w = self.workers.get(ev.pid)
+        if w is None or w.stop_reason is not None or not w.ready:
+            return
+        w.stop_reason = ev.reason
+        self._set_state(w, WorkerState.STOPPING, f"leaving on its own ({ev.reason})")
+        self._emit(MarkStopping(w.slot))
+        w.kill_at = ev.now + max(self.cfg.graceful_timeout, self.cfg.timeout) + STACK_GRACE
+        self._log(logging.INFO, f"{w.name()} stopped accepting ({ev.reason}) and finishes "
+                                "its requests: starting its replacement now")
+        if self.phase is not Phase.STOPPING:
+            self._spawn_missing(ev.now)
 
     def _on_WorkerBootError(self, ev: WorkerBootError) -> None:
         w = self.workers.get(ev.pid)

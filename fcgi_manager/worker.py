@@ -40,6 +40,7 @@ import faulthandler
 import gc
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -77,7 +78,6 @@ EXIT_RECYCLE_MEMORY = 11  # RSS passed max_memory
 STACK_SIGNAL = signal.SIGUSR2
 RECV_SIZE = 256 * 1024
 IDLE_CONN_TIMEOUT = 300.0
-MEMORY_CHECK_EVERY = 1.0  # seconds between two max_memory checks (always between requests)
 STOP_IDLE_GRACE = 1.0  # seconds an idle kept connection stays open once stopping
 FIRST_READ_WAIT = 0.01  # seconds the read right after accept may wait for the request
 MAX_UNFINISHED = 128  # connections per worker still sending their request (SPEC: Limits)
@@ -87,6 +87,8 @@ _EPOLLIN = select.EPOLLIN
 _EPOLLHUP = select.EPOLLHUP
 
 log = logging.getLogger("fcgi_manager.worker")
+_getrusage = resource.getrusage
+_RUSAGE_SELF = resource.RUSAGE_SELF
 
 
 class Conn:
@@ -280,7 +282,6 @@ class Worker:
         self._resume_accept_at = 0.0
         self._emfile_logged = 0.0
         self._stop_began = 0.0
-        self._next_memory_check = 0.0
         # Hand-off of idle connections to sibling workers (see handoff.py).
         self.handoff = handoff
         self._handoff_lock: Any = None  # with the watchdog, once a connection is parked
@@ -889,24 +890,32 @@ class Worker:
         return None
 
     def _check_recycle(self) -> None:
-        """Between requests: recycle after max_requests, or past max_memory."""
-        if self.max_requests and self.served >= self.max_requests and not self.stopping:
+        """After each request: recycle after max_requests, or past max_memory.
+
+        Memory is the peak RSS (``getrusage``: one system call, ~2 us, cheaper than a
+        ``pread`` of ``/proc/self/statm``): a peak over the limit is reason enough, since the
+        limit exists to beat the OOM killer. Checked after every request, not now and then:
+        a burst of requests inside one second must not blow through it.
+        """
+        if self.stopping:
+            return
+        if self.max_requests and self.served >= self.max_requests:
             log.info("served %d requests (workers.max_requests): recycling", self.served)
-            self.exit_code = EXIT_RECYCLE_REQUESTS
-            self.stopping = True
-        elif self.max_memory and not self.stopping:
-            # Reading /proc costs three syscalls: once a second is plenty for a memory
-            # limit, and keeps the feature's cost per request unmeasurable.
-            now = time.monotonic()
-            if now < self._next_memory_check:
-                return
-            self._next_memory_check = now + MEMORY_CHECK_EVERY
-            rss = current_rss()
-            if rss > self.max_memory:
+            self._leave(EXIT_RECYCLE_REQUESTS, "max_requests")
+        elif self.max_memory:
+            peak = _getrusage(_RUSAGE_SELF).ru_maxrss * 1024
+            if peak > self.max_memory:
                 log.info("memory %d MiB is over workers.max_memory (%d MiB): recycling",
-                         rss >> 20, self.max_memory >> 20)
-                self.exit_code = EXIT_RECYCLE_MEMORY
-                self.stopping = True
+                         peak >> 20, self.max_memory >> 20)
+                self._leave(EXIT_RECYCLE_MEMORY, "max_memory")
+
+    def _leave(self, exit_code: int, reason: str) -> None:
+        """Stop accepting on our own, and say so at once: the master starts the replacement
+        now, while this worker finishes what it serves (status shows it ``stopping``)."""
+        self.exit_code = exit_code
+        self.stopping = True
+        self.slot.leaving()
+        self._notify(notify.LEAVING, reason.encode())
 
     def _log_exception(self, message: str, tb: str) -> None:
         log.error("%s\n%s", message, tb.rstrip())

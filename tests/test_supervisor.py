@@ -543,6 +543,59 @@ def test_max_memory_leaves_busy_and_fresh_workers_to_themselves() -> None:
     assert logged(out, "recycled (max_memory)")
 
 
+# -- leaving on its own (max_requests, max_memory) -------------------------------------------
+
+
+def test_a_worker_that_leaves_on_its_own_is_replaced_before_it_exits() -> None:
+    sim = Sim(count=2, timeout=30, graceful_timeout=10)
+    first, second = sim.running()
+    out = sim.feed(sv.WorkerLeaving(first, "max_requests", sim.now))
+    assert len(of(sv.Spawn, out)) == 1  # now, not when its slow requests are done
+    assert of(sv.MarkStopping, out) == [sv.MarkStopping(0)]
+    assert not of(sv.Signal, out)  # it leaves by itself
+    assert sim.sup.workers[first].state is WorkerState.STOPPING
+    assert logged(out, "stopped accepting (max_requests)")
+    busy = sv.SlotView(busy=True, busy_since=sim.now, requests=3, what="GET /slow",
+                       threads=4, in_flight=2)
+    out = sim.tick(after=20, slots={first: busy, second: idle(1)})  # past graceful_timeout
+    assert not of(sv.Signal, out) and not of(sv.Spawn, out)
+    out = sim.exit(first, exited(10), requests=5)
+    assert not of(sv.Spawn, out)  # its replacement is already there
+    assert sim.sup.totals["recycled"] == 1 and sim.sup.totals["crashes"] == 0
+    # Still there after its requests had every second they may take: killed.
+    third = max(sim.pids())
+    sim.ready(third)
+    sim.feed(sv.WorkerLeaving(second, "max_memory", sim.now))
+    out = sim.tick(after=31 + sv.STACK_GRACE)
+    assert signals(out, signal.SIGKILL) == [second]
+
+
+def test_every_worker_recycling_at_once_never_makes_a_spawn_loop() -> None:
+    sim = Sim(count=2)
+    sim.running()
+    spawned = 0
+    for _ in range(5):  # every worker, and every replacement, leaves while it still serves
+        for pid in sim.pids(WorkerState.IDLE) + sim.pids(WorkerState.STARTING):
+            if sim.sup.workers[pid].state is WorkerState.STARTING:
+                sim.ready(pid)
+            spawned += len(of(sv.Spawn, sim.feed(sv.WorkerLeaving(pid, "max_requests",
+                                                                  sim.now))))
+        sim.tick()
+        assert len(sim.sup.workers) + len(sim.sup.pending) <= 4  # count + count leaving
+    assert spawned == 2  # the leaving ones hold the room until they exit
+    for pid in sim.pids(WorkerState.STOPPING):
+        sim.exit(pid, exited(10))
+    assert len(sim.sup.current()) + len(sim.sup.pending) == 2  # the pool is whole again
+
+
+def test_a_leave_from_a_worker_already_stopping_changes_nothing() -> None:
+    sim = Sim(count=1)
+    (pid,) = sim.running()
+    sim.command("scale", value="2")
+    sim.command("stop")
+    assert not sim.feed(sv.WorkerLeaving(pid, "max_requests", sim.now))
+
+
 # -- the tables ------------------------------------------------------------------------------
 
 

@@ -6,8 +6,10 @@ never with timings; waits poll the status against a deadline.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List
@@ -196,22 +198,61 @@ def test_reload_finishes_requests_of_busy_threads(make_manager: Any) -> None:
     assert get(manager, "/").status_code == 200
 
 
-def test_recycling_never_drops_requests_in_flight(make_manager: Any, tmp_path: Path) -> None:
-    manager = threaded(make_manager, 4, max_requests=5)
-    release = tmp_path / "release"
-    with ThreadPoolExecutor(8) as pool:
-        holds = [pool.submit(get, manager, f"/hold?file={release}&n={i}") for i in range(2)]
+def _recycles_behind_long_requests(manager: Any, trigger: str, quick: int) -> None:
+    """Two 6-s requests in flight; ``trigger`` makes the worker leave (max_requests or
+    max_memory); every later request must be answered by the replacement right away --
+    not after the old worker's slowest request -- and both long ones must end with 200."""
+    with ThreadPoolExecutor(4) as pool:
+        holds = [pool.submit(get, manager, f"/sleep?s=6&n={i}", 30.0) for i in range(2)]
         busy_threads(manager, 2)
-        quick = [pool.submit(get, manager, "/") for _ in range(6)]
-        assert all(q.result().status_code == 200 for q in quick)
-        release.touch()
+        began = time.monotonic()
+        assert get(manager, trigger, 5.0).status_code == 200
+        slowest = 0.0
+        for i in range(quick):
+            t0 = time.monotonic()
+            reply = get(manager, f"/?i={i}", 5.0)  # the client would give up long before 6 s
+            slowest = max(slowest, time.monotonic() - t0)
+            assert reply.status_code == 200
+        # The old worker still serves its two long requests while the new one answers.
+        assert time.monotonic() - began < 5.5, "the quick requests waited for the long ones"
+        assert slowest < 2.0, f"a new request waited {slowest:.1f} s behind the recycling"
         assert [h.result().status_code for h in holds] == [200, 200]
-        many = [pool.submit(get, manager, "/sleep?s=0.05") for _ in range(30)]
-        assert [m.result().status_code for m in many] == [200] * 30
-    data = wait_for(lambda: (d := manager.status())["totals"]["recycled"] >= 3 and d, 20,
+
+
+def test_recycling_never_drops_requests_in_flight(make_manager: Any) -> None:
+    manager = threaded(make_manager, 4, max_requests=3)
+    _recycles_behind_long_requests(manager, "/", quick=6)
+    data = wait_for(lambda: (d := manager.status())["totals"]["recycled"] >= 2 and d, 20,
                     "workers recycled")
     assert data["totals"]["crashes"] == 0
-    manager.wait_log("(workers.max_requests): recycling")
+    manager.wait_log("stopped accepting (max_requests)")
+
+
+def test_a_worker_over_max_memory_is_replaced_while_it_finishes(make_manager: Any) -> None:
+    manager = threaded(make_manager, 4, max_memory="150M")
+    _recycles_behind_long_requests(manager, "/grow?mb=200", quick=6)
+    data = wait_for(lambda: (d := manager.status())["totals"]["recycled"] >= 1 and d, 20,
+                    "worker recycled")
+    assert data["totals"]["crashes"] == 0
+    manager.wait_log("stopped accepting (max_memory)")
+
+
+def test_a_leaving_worker_shows_stopping_with_what_it_serves(make_manager: Any) -> None:
+    manager = threaded(make_manager, 4, max_requests=1)
+    release_file = f"/tmp/never-{os.getpid()}-{time.monotonic_ns()}"
+    with ThreadPoolExecutor(2) as pool:
+        hold = pool.submit(get, manager, f"/hold?file={release_file}", 30.0)
+        busy_threads(manager, 1)
+        assert get(manager, "/", 5.0).status_code == 200  # its first request ends: it leaves
+        data = wait_for(lambda: (d := manager.status()) and len(d["workers"]) == 2 and d, 10,
+                        "the replacement beside the leaving worker")
+        old = [w for w in data["workers"] if w["state"] == "stopping"]
+        assert len(old) == 1 and old[0]["in_flight"][0]["uri"].startswith("/hold")
+        Path(release_file).touch()
+        try:
+            assert hold.result().status_code == 200
+        finally:
+            os.unlink(release_file)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
