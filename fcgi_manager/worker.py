@@ -467,7 +467,9 @@ class Worker:
         # when the last copy closes (a full stop), new connects are refused at once --
         # nginx then tries the next upstream cleanly, even for a POST -- instead of
         # waiting in a queue nobody serves and being reset when the workers exit.
-        if self._resume_accept_at == 0.0:
+        # A worker that leaves on its own (recycling) takes nothing more: the listening
+        # socket stays open in the master, and its replacement takes the queue.
+        if self._resume_accept_at == 0.0 and self.exit_code == EXIT_OK:
             self._accept(budget=256, while_stopping=True)
         try:
             self.listener.close()

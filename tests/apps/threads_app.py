@@ -4,7 +4,8 @@
   200 if they met, 500 if not -- proof that N requests ran at the same time;
 - ``/hold?file=PATH`` waits in ``hold_for_test`` until PATH exists (60 s at most);
 - ``/sleep?s=N`` sleeps N seconds in ``sleep_for_test``;
-- ``/grow?mb=N`` keeps N MiB for the rest of the worker's life (for ``max_memory``);
+- ``/grow?mb=N`` keeps N MiB for the rest of the worker's life (for ``max_memory``),
+  answers the pid;
 - ``/stream`` streams 64 KiB chunks until the server stops it (``FCGI_ABORT_REQUEST``);
 - anything else answers the worker's pid, the thread's name and ``wsgi.multithread``.
 """
@@ -60,8 +61,8 @@ def app(environ, start_response):
         sleep_for_test(float(query.get("s", "0")))
         body = b"slept\n"
     elif path == "/grow":
-        _kept.append(bytearray(int(query.get("mb", "1")) << 20))
-        body = b"grown\n"
+        _kept.append(b"\x01" * (int(query.get("mb", "1")) << 20))  # touched: resident
+        body = f"{os.getpid()}\n".encode()
     elif path == "/stream":
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return _stream()
