@@ -153,7 +153,8 @@ def _worker_main(setup: WorkerSetup, slot: int, out_w: int, note_w: int, max_req
     sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", errors="replace")
     sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", errors="replace")
     logs.setup_worker(setup.cfg.manager.log_level, setup.cfg.manager.log_format)
-    proctitle.set_worker(slot + 1, proctitle.title_name(setup.cfg))
+    worker_id = setup.board.worker_id(slot)  # its predecessor's id (the master chose it)
+    proctitle.set_worker(worker_id, proctitle.title_name(setup.cfg))
     limits.apply(setup.cfg.manager)  # before the drop (a hard limit needs root) and the app
     setup.user.drop()
     # After the uid change: the kernel clears the parent-death signal on it.
@@ -167,7 +168,7 @@ def _worker_main(setup: WorkerSetup, slot: int, out_w: int, note_w: int, max_req
             if app is None:
                 app = load_app(setup.cfg.app.module)
             if post_fork:  # before build_worker: a threaded worker starts its threads in run()
-                run_post_fork(post_fork, slot + 1)
+                run_post_fork(post_fork, worker_id)
         except AppImportError as exc:
             text = format_error(exc, prefix="")
             os.write(note_w, notify.encode(notify.BOOT_ERROR, text.encode("utf-8", "replace")))
@@ -181,7 +182,7 @@ def _worker_main(setup: WorkerSetup, slot: int, out_w: int, note_w: int, max_req
         return status_mod.render_page(status_mod.snapshot(cfg, board), query)
 
     worker = build_worker(board, slot, app=app, config=cfg, listener=setup.listener,
-                          slot=SlotWriter(board, slot), worker_id=slot + 1,
+                          slot=SlotWriter(board, slot), worker_id=worker_id,
                           master_fd=setup.death_r, notify_fd=note_w, max_requests=max_requests,
                           status_page=status_page, client_filter=setup.client_filter,
                           handoff=setup.handoff)

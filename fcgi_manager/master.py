@@ -278,7 +278,8 @@ class Master:
         for r in state.workers:
             w = sv.Worker(r.slot, r.pid, r.generation, r.started,
                           WorkerState.STOPPING if r.stop_reason else
-                          WorkerState.IDLE if r.ready else WorkerState.STARTING)
+                          WorkerState.IDLE if r.ready else WorkerState.STARTING,
+                          wid=self.board.worker_id(r.slot))
             w.stop_reason, w.kill_at = r.stop_reason, r.kill_at
             adopted.append(w)
             self._watch(WorkerIO(r.pid, r.slot, r.out_fd, r.notify_fd))
@@ -451,7 +452,7 @@ class Master:
         if kind is sv.Log:
             log.log(action.level, "%s", action.message)
         elif kind is sv.Spawn:
-            return self._spawn(action.slot, action.generation)
+            return self._spawn(action.slot, action.generation, action.worker_id)
         elif kind is sv.Signal:
             self._signal(action.pid, action.sig)
         elif kind is sv.MarkStopping:
@@ -581,10 +582,10 @@ class Master:
         return w.max_requests + (random.randint(0, w.max_requests_jitter)
                                  if w.max_requests_jitter else 0)
 
-    def _spawn(self, slot: int, generation: int) -> Any:
+    def _spawn(self, slot: int, generation: int, worker_id: int = 0) -> Any:
         # Pid -1 until the worker is known: the slot is taken (its thread entries too) but
         # status shows no worker in it; a zygote's answer may come turns later.
-        self.board.assign(slot, -1, generation)
+        self.board.assign(slot, -1, generation, worker_id)
         if self.cfg.workers.threads > 1:
             self.board.reserve_threads(slot, self.cfg.workers.threads)
         try:
@@ -739,7 +740,7 @@ class Master:
             io.out_buf = b""
 
     def _log_worker_line(self, io: WorkerIO, line: bytes) -> None:
-        logs.worker_line(self.log_handler, io.slot + 1, io.pid,
+        logs.worker_line(self.log_handler, self.board.worker_id(io.slot), io.pid,
                          line.rstrip(b"\r").decode("utf-8", "replace"))
 
     def _read_notify(self, io: WorkerIO, final: bool = False) -> None:
@@ -791,20 +792,21 @@ class Master:
 
     def _worker_exited(self, pid: int, status: int) -> None:
         io = self.io.pop(pid, None)
-        requests = shed = 0
+        counts = [0, 0, 0, 0]
         if io is not None:
             # What the worker said before it died: its last lines, a boot error.
             self._read_output(io, final=True)
             self._read_notify(io, final=True)
             slot = self.board.read_slot(io.slot)
-            requests, shed = int(slot["requests"]), int(slot["shed"])  # type: ignore
+            counts = [int(slot[k]) for k in ("requests", "shed",  # type: ignore
+                                             "accept_backoffs", "log_lines_lost")]
             self.board.clear(io.slot)
         elif self.zygote is not None and self.zygote.asked:
             # Maybe a worker the zygote has not reported yet: remember how it ended.
             self.unclaimed[pid] = status
             while len(self.unclaimed) > UNCLAIMED_MAX:
                 del self.unclaimed[next(iter(self.unclaimed))]
-        self.feed(sv.WorkerExited(pid, status, time.monotonic(), requests, shed))
+        self.feed(sv.WorkerExited(pid, status, time.monotonic(), *counts))
 
     # -- the tick -------------------------------------------------------------------------
 

@@ -62,6 +62,7 @@ HEADER = struct.Struct(
     # shed_dead, max_children_reached, max_active, spawn_failures
     " q q"  # queue, max_queue (-1 = unknown)
     " I I"  # target worker count, backoff (ms) now
+    " Q Q Q"  # accept back-offs, log lines lost (workers gone), idle workers found stuck
 )
 HEADER_SIZE = 256
 # Pool-wide flags, at the end of the header area so the header's layout can grow up to
@@ -74,6 +75,7 @@ HEADER_FIELDS = (
     "accepted_dead", "respawns", "crashes", "timeouts", "slow", "recycled", "shed_dead",
     "max_children_reached", "max_active", "spawn_failures",
     "queue", "max_queue", "target", "backoff_ms",
+    "accept_backoffs_dead", "log_lines_lost_dead", "stuck",
 )
 
 # Per slot: identity (written at spawn), request state (written per request), samples
@@ -89,8 +91,13 @@ COUNTERS = struct.Struct("=Q I I")  # shed, slow-dumped request number, stop req
 COUNTERS_OFF = SAMPLE_OFF + SAMPLE.size
 THREADS = struct.Struct("=I I")  # first thread entry, number of entries (0 = one thread)
 THREADS_OFF = COUNTERS_OFF + COUNTERS.size
+# heartbeat (monotonic; the worker's loop writes it when it wakes up idle), worker id (the
+# replacement keeps the id of the worker it replaces, not the slot's number), accept
+# back-offs at the open-files limit, log lines lost (the master was not reading)
+EXTRA = struct.Struct("=d I I I")
+EXTRA_OFF = THREADS_OFF + THREADS.size
 SLOT_SIZE = 320
-assert THREADS_OFF + THREADS.size <= SLOT_SIZE
+assert EXTRA_OFF + EXTRA.size <= SLOT_SIZE
 ENTRY = struct.Struct("=B 7x Q d 16s 200s Q")  # the REQ record, then shed
 ENTRY_SHED_OFF = REQ.size
 ENTRY_SIZE = 256
@@ -104,6 +111,8 @@ N_BUCKETS = len(DURATION_BUCKETS) + 1  # the last one counts everything above 10
 HIST = struct.Struct(f"={N_BUCKETS}Q d")  # per-bucket counts (not cumulative), sum
 HIST_SUM_OFF = N_BUCKETS * 8
 _COUNT = struct.Struct("=Q")
+_BEAT = struct.Struct("=d")
+_U32 = struct.Struct("=I")
 _SUM = struct.Struct("=d")
 # One byte of the header the master bumps to ask workers to reopen their log files.
 LOG_EPOCH_OFF = HEADER_SIZE - 1
@@ -155,14 +164,22 @@ class Scoreboard:
     def draining(self) -> bool:
         return bool(FLAGS.unpack_from(self.mem, FLAGS_OFF)[0] & FLAG_DRAINING)
 
-    def assign(self, slot: int, pid: int, generation: int) -> None:
-        """Give ``slot`` to a new worker (before it runs, so it is visible at once)."""
+    def assign(self, slot: int, pid: int, generation: int, worker_id: int = 0) -> None:
+        """Give ``slot`` to a new worker (before it runs, so it is visible at once);
+        ``worker_id`` is the id it shows (0: the slot's number + 1)."""
         off = HEADER_SIZE + slot * SLOT_SIZE
         self.mem[off : off + SLOT_SIZE] = bytes(SLOT_SIZE)
         hist = self._hist_off(slot)
         self.mem[hist : hist + HIST.size] = bytes(HIST.size)
         IDENT.pack_into(self.mem, off + IDENT_OFF, pid, generation, time.time())
         self.mem[off + REQ_OFF] = STATE_CODES[WorkerState.STARTING]
+        EXTRA.pack_into(self.mem, off + EXTRA_OFF, time.monotonic(), worker_id or slot + 1,
+                        0, 0)
+
+    def worker_id(self, slot: int) -> int:
+        """The id the worker in ``slot`` shows in status, logs, titles and metrics."""
+        wid = EXTRA.unpack_from(self.mem, HEADER_SIZE + slot * SLOT_SIZE + EXTRA_OFF)[1]
+        return wid or slot + 1
 
     def ident(self, slot: int) -> Tuple[int, int]:
         """(pid, generation) of ``slot``: who may hand connections on (``handoff.Gate``)."""
@@ -327,6 +344,7 @@ class Scoreboard:
         rss, cpu, _ = SAMPLE.unpack_from(mem, off + SAMPLE_OFF)
         shed, slow_dumped, stop_requested = COUNTERS.unpack_from(mem, off + COUNTERS_OFF)
         first, threads = THREADS.unpack_from(mem, off + THREADS_OFF)
+        heartbeat, worker_id, backoffs, lost = EXTRA.unpack_from(mem, off + EXTRA_OFF)
         if threads:
             # A threaded worker: its slot holds the state, its entries the requests.
             flights = []
@@ -364,6 +382,10 @@ class Scoreboard:
                           for since, m, u in flights],
             "stopping": bool(stop_requested),
             "stuck": stop_requested == STOP_FLAG_STUCK,
+            "heartbeat": heartbeat,
+            "id": worker_id or slot + 1,
+            "accept_backoffs": backoffs,
+            "log_lines_lost": lost,
         }
 
     def used_slots(self) -> Iterator[int]:
@@ -419,7 +441,8 @@ class DurationWriter:
 class SlotWriter:
     """A worker's handle on its own slot: the writes of the request path."""
 
-    __slots__ = ("mem", "off", "requests", "_req_off", "shed", "busy_since", "durations")
+    __slots__ = ("mem", "off", "requests", "_req_off", "shed", "busy_since", "durations",
+                 "backoffs")
 
     def __init__(self, board: Scoreboard, slot: int) -> None:
         self.mem = board.mem
@@ -429,6 +452,7 @@ class SlotWriter:
         self.shed = 0
         self.busy_since = 0.0
         self.durations = board.duration_writer(slot)
+        self.backoffs = 0
 
     def busy(self, method: str, uri: str) -> None:
         self.busy_since = now = time.monotonic()
@@ -456,6 +480,18 @@ class SlotWriter:
     def count_shed(self) -> None:
         self.shed += 1
         struct.pack_into("=Q", self.mem, self.off + COUNTERS_OFF, self.shed)
+
+    def beat(self, now: float) -> None:
+        """The worker's loop is alive (written when it wakes up idle, and at each sweep:
+        never per request). The master replaces an idle worker whose beat stops."""
+        _BEAT.pack_into(self.mem, self.off + EXTRA_OFF, now)
+
+    def count_backoff(self) -> None:
+        self.backoffs += 1
+        _U32.pack_into(self.mem, self.off + EXTRA_OFF + 12, self.backoffs)
+
+    def set_lost_lines(self, lost: int) -> None:
+        _U32.pack_into(self.mem, self.off + EXTRA_OFF + 16, lost & 0xFFFFFFFF)
 
     def leaving(self) -> None:
         """This worker stopped accepting on its own: status shows it ``stopping`` at once

@@ -26,6 +26,8 @@ def snapshot(cfg: Any, board: Scoreboard) -> Dict[str, Any]:
     accepted = int(head["accepted_dead"])
     shed = int(head["shed_dead"])
     active = idle = busy_threads = threads = 0
+    backoffs = int(head["accept_backoffs_dead"])
+    lost = int(head["log_lines_lost_dead"])
     for slot in board.read_all():
         pid = int(slot["pid"])  # type: ignore[call-overload]
         if pid <= 0:
@@ -47,13 +49,18 @@ def snapshot(cfg: Any, board: Scoreboard) -> Dict[str, Any]:
                      for since, m, u in slot["in_flight"]]  # type: ignore[attr-defined]
         busy_threads += len(in_flight)
         threads += int(slot["threads"])  # type: ignore[call-overload]
-        if slot["stopping"]:
+        if slot["stuck"]:
+            state = "stuck"  # missed its heartbeat while idle: being replaced
+        elif slot["stopping"]:
             state = "stopping"  # asked to stop; ``current`` shows the request it finishes
+        backoffs += int(slot["accept_backoffs"])  # type: ignore[call-overload]
+        lost += int(slot["log_lines_lost"])  # type: ignore[call-overload]
         started = float(slot["started_at"])  # type: ignore[arg-type]
         workers.append({
-            "id": int(slot["slot"]) + 1,  # type: ignore[call-overload]
+            "id": int(slot["id"]),  # type: ignore[call-overload]
             "pid": pid,
             "state": state,
+            "stopped": _stopped(pid),
             "generation": int(slot["generation"]),  # type: ignore[call-overload]
             "requests": int(slot["requests"]),  # type: ignore[call-overload]
             "started_at": round(started, 3),
@@ -63,8 +70,10 @@ def snapshot(cfg: Any, board: Scoreboard) -> Dict[str, Any]:
             "current": current,
             "threads": int(slot["threads"]),  # type: ignore[call-overload]
             "in_flight": in_flight,
+            "accept_backoffs": int(slot["accept_backoffs"]),  # type: ignore[call-overload]
+            "log_lines_lost": int(slot["log_lines_lost"]),  # type: ignore[call-overload]
         })
-    workers.sort(key=lambda w: w["id"])
+    workers.sort(key=lambda w: (w["id"], w["started_at"]))
     queue = int(head["queue"])
     max_queue = int(head["max_queue"])
     started_at = float(head["started_at"])
@@ -101,6 +110,9 @@ def snapshot(cfg: Any, board: Scoreboard) -> Dict[str, Any]:
             "max_children_reached": int(head["max_children_reached"]),
             "busy_threads": busy_threads,
             "threads": threads,
+            "accept_backoffs": backoffs,
+            "log_lines_lost": lost,
+            "stuck": int(head["stuck"]),
         },
         "request_duration": {  # cumulative, as Prometheus histograms are
             "buckets": [[le, n] for le, n in zip(DURATION_BUCKETS, counts)],
@@ -110,6 +122,17 @@ def snapshot(cfg: Any, board: Scoreboard) -> Dict[str, Any]:
         "workers": workers,
         "workers_user": workers_user(cfg),
     }
+
+
+def _stopped(pid: int) -> bool:
+    """Is ``pid`` stopped (SIGSTOP, a debugger)? Its scoreboard state is what it wrote
+    before it stopped, so status says this apart: "busy" may mean "frozen"."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] in (b"T", b"t")
 
 
 # -- rendering ---------------------------------------------------------------------------
@@ -161,6 +184,12 @@ def render_text(data: Dict[str, Any]) -> str:
         f"recycled, {t['slow']} slow requests, max_workers reached {t['max_children_reached']}",
         "",
     ]
+    faults = [f"{t[k]} {what}" for k, what in (
+        ("accept_backoffs", "accept back-offs (open-files limit)"),
+        ("log_lines_lost", "log lines lost"), ("stuck", "stuck workers replaced"))
+        if t.get(k)]
+    if faults:
+        lines.insert(-1, "faults   " + ", ".join(faults))
     if data.get("workers_user") == "root":
         lines.insert(-1, f"warning  {ROOT_WARNING}")
     header = ("ID", "PID", "STATE", "GEN", "REQS", "UPTIME", "RSS", "CPU%", "CURRENT")
@@ -169,7 +198,8 @@ def render_text(data: Dict[str, Any]) -> str:
         cur = w["current"]
         current = (escape(f"{cur['method']} {cur['uri']}") +
                    f" ({human_duration(cur['elapsed_s'])})" if cur else "") + _more_in_flight(w)
-        rows.append((str(w["id"]), str(w["pid"]), w["state"], str(w["generation"]),
+        state = w["state"] + (" (stopped)" if w.get("stopped") else "")
+        rows.append((str(w["id"]), str(w["pid"]), state, str(w["generation"]),
                      str(w["requests"]), human_duration(w["uptime_s"]),
                      human_size(w["rss_bytes"]), f"{w['cpu_percent']:.1f}", current))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
@@ -227,6 +257,11 @@ COUNTERS = {
     "shed": ("shed", "Requests answered 503 because they waited past queue_timeout."),
     "max_children_reached": ("max_children_reached",
                              "Times the pool wanted to grow past max_workers."),
+    "accept_backoffs": ("accept_backoffs", "Times a worker paused accepting at the "
+                                           "open-files limit (EMFILE) or out of memory."),
+    "log_lines_lost": ("log_lines_lost", "Worker log lines dropped because the master did "
+                                         "not read them in time."),
+    "stuck": ("stuck", "Idle workers replaced for missing their heartbeat."),
 }
 WORKER_STATES = ("idle", "busy", "starting", "stopping")
 
@@ -247,7 +282,8 @@ def render_openmetrics(data: Dict[str, Any]) -> str:
         _metric(out, name, "counter", help_text, [((), t[key])])
     states = {state: 0 for state in WORKER_STATES}
     for w in data["workers"]:
-        states[w["state"]] = states.get(w["state"], 0) + 1
+        state = "stopping" if w["state"] == "stuck" else w["state"]  # (counted in stuck_total)
+        states[state] = states.get(state, 0) + 1
     _metric(out, "workers", "gauge", "Worker processes, by state.",
             [((("state", state),), n) for state, n in states.items()])
     _metric(out, "workers_target", "gauge", "Workers the pool is sized to now.",
@@ -279,7 +315,11 @@ def render_openmetrics(data: Dict[str, Any]) -> str:
         out.append(f'{full}_bucket{{le="+Inf"}} {hist["count"]}')
         out.append(f"{full}_count {hist['count']}")
         out.append(f"{full}_sum {hist['sum_s']}")
-    workers = data["workers"]
+    # One series per id: a leaving worker and its replacement share theirs (the id is
+    # stable across replacement); the one that stays speaks for it.
+    by_id = {w["id"]: w for w in sorted(data["workers"], key=lambda w: (
+        w["state"] not in ("stopping", "stuck"), w["started_at"]))}
+    workers = [by_id[i] for i in sorted(by_id)]
     per = [(("id", w["id"]),) for w in workers]
     _metric(out, "worker_requests", "counter", "Requests served by this worker process "
             "(starts again from 0 when the worker is replaced).",

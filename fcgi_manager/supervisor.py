@@ -56,7 +56,8 @@ STACK_GRACE = 1.0  # seconds between the stack-dump signal and SIGKILL for a hun
 KILL_RETRY = 5.0  # a worker SIGKILLed but not reaped yet is killed again after this
 READY_TIMEOUT = 120.0  # for the reload's check and for a new generation to be ready
 TOTAL_KEYS = ("accepted_dead", "respawns", "crashes", "timeouts", "slow", "recycled",
-              "shed_dead", "max_children_reached", "max_active", "spawn_failures")
+              "shed_dead", "max_children_reached", "max_active", "spawn_failures",
+              "accept_backoffs_dead", "log_lines_lost_dead", "stuck")
 
 
 class Phase(str, enum.Enum):
@@ -145,6 +146,8 @@ class WorkerExited:
     now: float
     requests: int = 0  # what its slot counted, read before the slot was cleared
     shed: int = 0
+    backoffs: int = 0  # accept back-offs at the open-files limit
+    lost: int = 0  # log lines it could not write (the master was not reading)
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,7 @@ class ReExecFailed:
 class Spawn:
     slot: int
     generation: int
+    worker_id: int = 0  # the id it shows: its predecessor's (0: the slot's number + 1)
 
 
 @dataclass(frozen=True)
@@ -283,11 +287,14 @@ class Worker:
     """The supervisor's view of one worker process."""
 
     __slots__ = ("slot", "pid", "generation", "started", "state", "stop_reason", "kill_at",
-                 "boot_error", "requests", "idle_since", "rss")
+                 "boot_error", "requests", "idle_since", "rss", "wid", "beat", "alive_at")
 
     def __init__(self, slot: int, pid: int, generation: int, started: float,
-                 state: WorkerState = WorkerState.STARTING) -> None:
+                 state: WorkerState = WorkerState.STARTING, wid: int = 0) -> None:
         self.slot = slot
+        self.wid = wid or slot + 1
+        self.beat = 0.0  # the heartbeat last seen in its slot
+        self.alive_at = started  # when the master last saw it change
         self.pid = pid
         self.generation = generation
         self.started = started
@@ -301,7 +308,9 @@ class Worker:
 
     @property
     def id(self) -> int:
-        return self.slot + 1
+        """Stable across replacement: a replacement takes its predecessor's id (its slot
+        differs while the predecessor finishes), so per-worker series continue."""
+        return self.wid
 
     @property
     def ready(self) -> bool:
@@ -341,6 +350,7 @@ class Supervisor:
         self.generation = generation
         self.workers: Dict[int, Worker] = {}
         self.pending: Dict[int, Tuple[int, bool]] = {}  # slot -> (generation, is respawn)
+        self.pending_ids: Dict[int, int] = {}  # slot -> the worker id it will show
         self.target = workers_cfg.effective_count if workers_cfg.mode != "ondemand" else 0
         self.totals = {k: 0 for k in TOTAL_KEYS}
         self.queue = -1
@@ -491,9 +501,21 @@ class Supervisor:
             if respawn:
                 self.pending_respawns -= 1
             self.pending[slot] = (self.generation, respawn)
-            self._emit(Spawn(slot, self.generation))
+            self.pending_ids[slot] = wid = self._free_id()
+            self._emit(Spawn(slot, self.generation, wid))
         if self.restarts.backing_off and self.target > self.current_count():
             self._backoff(now)
+
+    def _free_id(self) -> int:
+        """The lowest id no serving worker of this generation has: the id of the worker
+        being replaced, whatever the reason it left."""
+        used = {w.wid for w in self.current()}
+        used.update(wid for slot, wid in self.pending_ids.items()
+                    if self.pending.get(slot, (0,))[0] == self.generation)
+        wid = 1
+        while wid in used:
+            wid += 1
+        return wid
 
     def _room_for_processes(self) -> int:
         alive = sum(1 for w in self.workers.values() if w.generation == self.generation)
@@ -504,12 +526,13 @@ class Supervisor:
         generation, respawn = self.pending.pop(ev.slot)
         if respawn:
             self.totals["respawns"] += 1
-        w = Worker(ev.slot, ev.pid, generation, ev.now)
+        w = Worker(ev.slot, ev.pid, generation, ev.now, wid=self.pending_ids.pop(ev.slot, 0))
         self.workers[ev.pid] = w
         self._log(logging.DEBUG, f"spawned {w.name()}, generation {generation}")
 
     def _on_SpawnFailed(self, ev: SpawnFailed) -> None:
         _, respawn = self.pending.pop(ev.slot)
+        self.pending_ids.pop(ev.slot, None)
         if respawn:
             self.pending_respawns += 1
         self.totals["spawn_failures"] += 1
@@ -570,6 +593,8 @@ class Supervisor:
             return
         self.totals["accepted_dead"] += ev.requests
         self.totals["shed_dead"] += ev.shed
+        self.totals["accept_backoffs_dead"] += ev.backoffs
+        self.totals["log_lines_lost_dead"] += ev.lost
         how = describe_exit(ev.status)
         kind = classify(ev.status, w.stop_reason, bool(w.boot_error))
         was_starting = w.state is WorkerState.STARTING

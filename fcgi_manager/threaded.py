@@ -148,6 +148,8 @@ class ThreadedWorker(Worker):
                 conns or self.stopping or self._resume_accept_at) else -1
             if timeout < 0 and self.access is not None:
                 timeout = accesslog.FLUSH_AFTER  # app threads may leave lines to write
+            if self._resume_accept_at:
+                timeout = self._backoff_timeout(timeout)
             try:
                 events = ep.poll(timeout)
             except InterruptedError:
@@ -175,6 +177,8 @@ class ThreadedWorker(Worker):
                         pass
             if conns or self._resume_accept_at:
                 now = time.monotonic()
+                if self._resume_accept_at and now >= self._resume_accept_at:
+                    self._resume_accepting()
                 if now >= self._next_sweep:
                     self._sweep(now)
             self._pace_accepting()
@@ -202,6 +206,11 @@ class ThreadedWorker(Worker):
             except (OSError, ValueError):
                 pass
             self._accepting = False
+
+    def _resume_accepting(self) -> None:
+        """The back-off is over: :meth:`_pace_accepting` watches the listener again when a
+        thread is free."""
+        self._resume_accept_at = 0.0
 
     def _log_left_running(self) -> None:
         for conn in self.running.values():

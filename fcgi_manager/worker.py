@@ -78,6 +78,8 @@ EXIT_RECYCLE_MEMORY = 11  # RSS passed max_memory
 STACK_SIGNAL = signal.SIGUSR2
 RECV_SIZE = 256 * 1024
 IDLE_CONN_TIMEOUT = 300.0
+ACCEPT_BACKOFF_FIRST = 0.005  # seconds without accepting after EMFILE; doubled while it lasts
+ACCEPT_BACKOFF_MAX = 0.2
 STOP_IDLE_GRACE = 1.0  # seconds an idle kept connection stays open once stopping
 FIRST_READ_WAIT = 0.01  # seconds the read right after accept may wait for the request
 MAX_UNFINISHED = 128  # connections per worker still sending their request (SPEC: Limits)
@@ -281,6 +283,8 @@ class Worker:
         self._next_sweep = 0.0
         self._resume_accept_at = 0.0
         self._emfile_logged = 0.0
+        self._backoff_delay = 0.0
+        self._backoff_last = 0.0
         self._stop_began = 0.0
         # Hand-off of idle connections to sibling workers (see handoff.py).
         self.handoff = handoff
@@ -407,6 +411,8 @@ class Worker:
                 conns or self.stopping or self._resume_accept_at) else -1
             if access is not None and access.pending and timeout < 0:
                 timeout = accesslog.FLUSH_AFTER  # wake up to write the waiting lines
+            if self._resume_accept_at:
+                timeout = self._backoff_timeout(timeout)
             try:
                 events = ep.poll(timeout)
             except InterruptedError:
@@ -439,6 +445,8 @@ class Worker:
                         pass
             if conns or self._resume_accept_at:
                 now = time.monotonic()
+                if self._resume_accept_at and now >= self._resume_accept_at:
+                    self._resume_accepting()
                 if now >= self._next_sweep:
                     self._sweep(now)
             if not events and access is not None and access.pending:
@@ -520,30 +528,57 @@ class Worker:
 
     def _accept_error(self, exc: OSError) -> None:
         if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-            now = time.monotonic()
-            if now - self._emfile_logged > 60:
-                log.error("cannot accept: %s (raise the open-files limit, `ulimit -n`); "
-                          "backing off", exc.strerror)
-                self._emfile_logged = now
-            # Back off: stop watching the listener for a moment instead of spinning.
-            try:
-                self.epoll.unregister(self.listen_fd)
-                self._accepting = False
-                self._resume_accept_at = now + 0.5
-            except (OSError, ValueError):
-                pass
-            self._next_sweep = 0.0
+            self._back_off_accepting(exc)
         elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
             log.warning("accept failed: %s", exc)
 
+    def _back_off_accepting(self, exc: OSError) -> None:
+        """Out of descriptors (or kernel memory): stop watching the listener instead of
+        spinning on it, until one of our connections closes (:meth:`_close`) or a short
+        delay is over -- milliseconds, doubled while the error repeats (a fixed second
+        left workers idle most of the time at the limit). Counted in status; logged once
+        per worker with the limit to raise."""
+        now = time.monotonic()
+        self.slot.count_backoff()
+        if now - self._backoff_last > ACCEPT_BACKOFF_MAX:
+            self._backoff_delay = ACCEPT_BACKOFF_FIRST
+        else:
+            self._backoff_delay = min(ACCEPT_BACKOFF_MAX, self._backoff_delay * 2)
+        self._backoff_last = now
+        if not self._emfile_logged:
+            self._emfile_logged = now
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            log.error("cannot accept: %s (%d connections open, the open-files limit is "
+                      "%d): raise the limit (`ulimit -n`, systemd's LimitNOFILE=); accepting "
+                      "resumes as soon as a connection closes, and the back-offs are "
+                      "counted in status (accept_backoffs)", exc.strerror, len(self.conns),
+                      soft)
+        try:
+            self.epoll.unregister(self.listen_fd)
+        except (OSError, ValueError):
+            pass
+        self._accepting = False
+        self._resume_accept_at = now + self._backoff_delay
+
+    def _backoff_timeout(self, timeout: float) -> float:
+        """The poll timeout while accepting is paused: no later than its end."""
+        left = max(0.0, self._resume_accept_at - time.monotonic())
+        return left if timeout < 0 else min(timeout, left)
+
+    def _resume_accepting(self) -> None:
+        """The back-off is over (a descriptor is free, or its delay ran out)."""
+        self._resume_accept_at = 0.0
+        if not self.stopping and not self._accepting:
+            try:
+                self.epoll.register(self.listen_fd,
+                                    _EPOLLIN | getattr(select, "EPOLLEXCLUSIVE", 0))
+                self._accepting = True
+            except (OSError, ValueError):
+                pass
+
     def _sweep(self, now: float) -> None:
-        """Close connections past their deadline; resume accepting after a backoff."""
+        """Close connections past their deadline."""
         self._next_sweep = now + 1.0
-        resume = self._resume_accept_at
-        if resume and now >= resume and not self.stopping:
-            self._resume_accept_at = 0.0
-            self.epoll.register(self.listen_fd, _EPOLLIN | getattr(select, "EPOLLEXCLUSIVE", 0))
-            self._accepting = True
         for conn in list(self.conns.values()):
             if conn.deadline and now > conn.deadline:
                 if not conn.mid_request() and self._ready_now(conn.fd):
@@ -734,6 +769,8 @@ class Worker:
         the epoll set: no ``unregister`` needed.
         """
         self.conns.pop(conn.fd, None)
+        if self._resume_accept_at:
+            self._resume_accepting()  # a descriptor is free again (after EMFILE)
         fd = conn.fd
         if conn.mid_request():
             sock = socket.socket(fileno=fd)

@@ -596,6 +596,23 @@ def test_a_leave_from_a_worker_already_stopping_changes_nothing() -> None:
     assert not sim.feed(sv.WorkerLeaving(pid, "max_requests", sim.now))
 
 
+def test_a_replacement_takes_the_id_of_the_worker_it_replaces_whatever_the_reason() -> None:
+    sim = Sim(count=3, timeout=5)
+    first, second, third = sim.running()
+    assert [sim.sup.workers[p].id for p in (first, second, third)] == [1, 2, 3]
+    out = sim.feed(sv.WorkerLeaving(second, "max_memory", sim.now))  # recycled
+    assert [(s.worker_id, s.slot) for s in of(sv.Spawn, out)] == [(2, 3)]  # slot 1 is busy
+    sim.ready()
+    hung = sv.SlotView(busy=True, busy_since=sim.now, requests=1, what="GET /hang")
+    out = sim.tick(after=6, slots={third: hung})  # timed out: killed, replaced
+    assert [s.worker_id for s in of(sv.Spawn, out)] == [3]
+    sim.ready()
+    out = sim.exit(first, killed(signal.SIGSEGV))  # crashed
+    assert [s.worker_id for s in of(sv.Spawn, out)] == [1]
+    sim.ready()
+    assert sorted(w.id for w in sim.sup.current()) == [1, 2, 3]
+
+
 # -- the tables ------------------------------------------------------------------------------
 
 
