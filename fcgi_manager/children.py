@@ -25,7 +25,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
-from . import fdutil, limits, logs, notify, procctl, proctitle, sockets
+from . import fdutil, limits, logs, notify, outpipe, procctl, proctitle, sockets
 from . import status as status_mod
 from .appload import load_app, prepare_import, run_post_fork
 from .config import Config
@@ -150,8 +150,7 @@ def _worker_main(setup: WorkerSetup, slot: int, out_w: int, note_w: int, max_req
     if setup.listener.fileno() != 0:
         os.dup2(devnull, 0)
     os.close(devnull)
-    sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", errors="replace")
-    sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", errors="replace")
+    output = outpipe.install(1)  # never blocks on the master (see outpipe.py)
     logs.setup_worker(setup.cfg.manager.log_level, setup.cfg.manager.log_format)
     worker_id = setup.board.worker_id(slot)  # its predecessor's id (the master chose it)
     proctitle.set_worker(worker_id, proctitle.title_name(setup.cfg))
@@ -181,8 +180,10 @@ def _worker_main(setup: WorkerSetup, slot: int, out_w: int, note_w: int, max_req
     def status_page(query: str) -> tuple:
         return status_mod.render_page(status_mod.snapshot(cfg, board), query)
 
+    slot_writer = SlotWriter(board, slot)
+    output.on_lost = slot_writer.set_lost_lines
     worker = build_worker(board, slot, app=app, config=cfg, listener=setup.listener,
-                          slot=SlotWriter(board, slot), worker_id=worker_id,
+                          slot=slot_writer, worker_id=worker_id,
                           master_fd=setup.death_r, notify_fd=note_w, max_requests=max_requests,
                           status_page=status_page, client_filter=setup.client_filter,
                           handoff=setup.handoff)

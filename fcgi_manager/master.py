@@ -457,6 +457,8 @@ class Master:
             self._signal(action.pid, action.sig)
         elif kind is sv.MarkStopping:
             self.board.mark_stopping(action.slot)
+        elif kind is sv.MarkStuck:
+            self.board.mark_stuck(action.slot)
         elif kind is sv.MarkSlowDumped:
             self.board.mark_slow_dumped(action.slot, action.request_no)
         elif kind is sv.Reply:
@@ -820,7 +822,8 @@ class Master:
                 busy=s["state"] == WorkerState.BUSY, busy_since=float(s["busy_since"]),  # type: ignore
                 requests=int(s["requests"]), what=what,  # type: ignore[call-overload]
                 slow_dumped=int(s["slow_dumped"]), threads=int(s["threads"]),  # type: ignore
-                in_flight=len(s["in_flight"]))  # type: ignore[arg-type]
+                in_flight=len(s["in_flight"]),  # type: ignore[arg-type]
+                heartbeat=float(s["heartbeat"]))  # type: ignore[arg-type]
         return views
 
     def _tick(self, now: float) -> None:

@@ -96,6 +96,7 @@ class SlotView(NamedTuple):
     slow_dumped: int = 0
     threads: int = 1
     in_flight: int = 0  # requests running now (0 or 1 without threads)
+    heartbeat: float = 0.0  # written by the worker's loop when it wakes up idle
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,11 @@ class Signal:
 
 @dataclass(frozen=True)
 class MarkStopping:
+    slot: int
+
+
+@dataclass(frozen=True)
+class MarkStuck:
     slot: int
 
 
@@ -688,6 +694,7 @@ class Supervisor:
             if self.restarts.failures:
                 self._check_recovered(now)
             self._check_timeouts(now)
+            self._check_heartbeats(now)
             self._manage_workers(now, ev.listener_waiting)
             self._check_reload_deadline(now)
         self._escalate(now)
@@ -745,6 +752,39 @@ class Supervisor:
                                                " its stack follows")
                     self._emit(Signal(w.pid, STACK_SIGNAL))
         self.totals["max_active"] = max(self.totals["max_active"], active)
+
+    def _check_heartbeats(self, now: float) -> None:
+        """An idle worker proves it is alive: its loop writes a heartbeat when it wakes up
+        idle (at least once a second), and serving changes its request count. One whose
+        slot has not changed for ``workers.timeout`` -- SIGSTOPped, or hung outside a
+        request -- is ``stuck``: killed and replaced. Measured on the master's clock from
+        the last change it saw, so a master that was itself stopped never blames them:
+        their beats moved meanwhile."""
+        limit = self.cfg.timeout
+        for w in list(self.workers.values()):
+            s = self.slots.get(w.pid)
+            if s is None or w.stop_reason is not None or not w.ready:
+                continue
+            beat = s.heartbeat + s.requests + (0.5 if s.busy else 0.0)
+            if beat != w.beat or s.busy:  # busy: workers.timeout is the judge
+                w.beat, w.alive_at = beat, now
+                continue
+            silent = now - w.alive_at
+            if not limit or silent <= limit:
+                continue
+            self._log(logging.ERROR, f"{w.name()} is idle and missed its heartbeat for "
+                                     f"{silent:.0f} s (workers.timeout = {limit:.0f} s): "
+                                     "stopped (SIGSTOP?) or hung outside a request; killing "
+                                     "and replacing it")
+            self.totals["stuck"] += 1
+            self.pending_respawns += 1
+            w.stop_reason = "stuck"
+            self._set_state(w, WorkerState.STUCK, "missed its heartbeat")
+            self._emit(MarkStuck(w.slot))
+            self._emit(Signal(w.pid, signal.SIGKILL))
+            w.kill_at = now + KILL_RETRY
+        if self.totals["stuck"]:
+            self._spawn_missing(now)
 
     def _stop_hung_threaded(self, w: Worker, s: SlotView) -> None:
         """A threaded worker with a hung request: its other threads get graceful_timeout to

@@ -46,7 +46,7 @@ import threading
 import time
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
-from . import accesslog, protocol
+from . import protocol
 from .scoreboard import Scoreboard, ThreadSlotWriter
 from .worker import EXIT_OK, IDLE_CONN_TIMEOUT, Conn, Worker
 from .wsgi import (
@@ -144,18 +144,20 @@ class ThreadedWorker(Worker):
                 elif now > deadline:
                     self._log_left_running()
                     return
+            # Idle, it still wakes up: for the heartbeat, and for lines app threads left
+            # in the access log.
             timeout = (0.1 if self.stopping else 1.0) if (
-                conns or self.stopping or self._resume_accept_at) else -1
-            if timeout < 0 and self.access is not None:
-                timeout = accesslog.FLUSH_AFTER  # app threads may leave lines to write
+                conns or self.stopping or self._resume_accept_at) else self.heartbeat_every
             if self._resume_accept_at:
                 timeout = self._backoff_timeout(timeout)
             try:
                 events = ep.poll(timeout)
             except InterruptedError:
                 continue
-            if not events and self.access is not None:
-                self.access.flush_due(time.monotonic())
+            if not events:
+                self._idle_beat()
+                if self.access is not None:
+                    self.access.flush_due(time.monotonic())
             for fd, _ev in events:
                 if fd == listen_fd:
                     if self._accepting:

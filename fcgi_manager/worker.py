@@ -80,6 +80,7 @@ RECV_SIZE = 256 * 1024
 IDLE_CONN_TIMEOUT = 300.0
 ACCEPT_BACKOFF_FIRST = 0.005  # seconds without accepting after EMFILE; doubled while it lasts
 ACCEPT_BACKOFF_MAX = 0.2
+HEARTBEAT_EVERY = 1.0  # seconds at most between two heartbeats of an idle worker
 STOP_IDLE_GRACE = 1.0  # seconds an idle kept connection stays open once stopping
 FIRST_READ_WAIT = 0.01  # seconds the read right after accept may wait for the request
 MAX_UNFINISHED = 128  # connections per worker still sending their request (SPEC: Limits)
@@ -285,6 +286,10 @@ class Worker:
         self._emfile_logged = 0.0
         self._backoff_delay = 0.0
         self._backoff_last = 0.0
+        # Often enough that the master sees an idle worker alive well within
+        # workers.timeout; an idle worker waking once a second costs nothing measurable.
+        self.heartbeat_every = max(0.05, min(HEARTBEAT_EVERY, w.timeout / 4 if w.timeout
+                                             else HEARTBEAT_EVERY))
         self._stop_began = 0.0
         # Hand-off of idle connections to sibling workers (see handoff.py).
         self.handoff = handoff
@@ -408,15 +413,15 @@ class Worker:
                 elif time.monotonic() > poll_deadline:
                     return
             timeout = (0.1 if self.stopping else 1.0) if (
-                conns or self.stopping or self._resume_accept_at) else -1
-            if access is not None and access.pending and timeout < 0:
-                timeout = accesslog.FLUSH_AFTER  # wake up to write the waiting lines
+                conns or self.stopping or self._resume_accept_at) else self.heartbeat_every
             if self._resume_accept_at:
                 timeout = self._backoff_timeout(timeout)
             try:
                 events = ep.poll(timeout)
             except InterruptedError:
                 continue
+            if not events:
+                self._idle_beat()
             for fd, ev in events:
                 if fd == listen_fd:
                     if self._accepting:
@@ -451,6 +456,15 @@ class Worker:
                     self._sweep(now)
             if not events and access is not None and access.pending:
                 access.flush_due(time.monotonic())  # idle: write what waits (busy: end() does)
+
+    def _idle_beat(self) -> None:
+        """The loop woke up with nothing to do: say it is alive (the master replaces an
+        idle worker whose heartbeat stops: SIGSTOPped, or hung outside a request), write
+        output the master could not take earlier, reopen the logs if asked."""
+        self.slot.beat(time.monotonic())
+        output = sys.stderr
+        if getattr(output, "pending", False):
+            output.retry()  # type: ignore[union-attr]
 
     def _stop_accepting(self) -> None:
         """Leave the listening socket to the other workers (or the next generation).
@@ -579,6 +593,7 @@ class Worker:
     def _sweep(self, now: float) -> None:
         """Close connections past their deadline."""
         self._next_sweep = now + 1.0
+        self.slot.beat(now)  # busy with connections: the sweep is the heartbeat
         for conn in list(self.conns.values()):
             if conn.deadline and now > conn.deadline:
                 if not conn.mid_request() and self._ready_now(conn.fd):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import os
 import resource
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -128,3 +129,96 @@ def test_a_replacement_keeps_the_id_of_the_worker_it_replaces(make_manager: Any)
                     "the timed-out worker replaced")
     assert [w["id"] for w in data["workers"]] == [1]
     assert "[worker 2 " not in manager.log_text()
+
+
+# -- a stalled master, a stopped worker -----------------------------------------------------
+
+def test_a_stopped_master_during_an_error_flood_kills_no_worker(make_manager: Any) -> None:
+    """Workers never wait for the master to read their output: with the master stopped
+    for three times workers.timeout while they write tracebacks, every request is answered
+    and no worker is killed when it resumes (it killed every busy one: their stacks were
+    inside ``logging``). The lines that did not fit are counted and said, never torn."""
+    manager = make_manager(APP, count=2, workers={"timeout": 2})
+    manager.start()
+    master = manager.pid()
+    codes: collections.Counter = collections.Counter()
+    os.kill(master, signal.SIGSTOP)
+    try:
+        stop_at = time.monotonic() + 6.5
+        with ThreadPoolExecutor(4) as pool:
+            def flood(_: int) -> None:
+                while time.monotonic() < stop_at:
+                    codes[get(manager, "/err", 10.0).status_code] += 1
+            list(pool.map(flood, range(4)))
+    finally:
+        os.kill(master, signal.SIGCONT)
+    assert set(codes) == {200} and sum(codes.values()) > 20, codes
+    log = manager.wait_log("were lost (the master did not read them in time)", 15)
+    data = manager.status()
+    assert data["totals"]["timeouts"] == 0 and data["totals"]["crashes"] == 0, log[-3000:]
+    assert "past workers.timeout" not in log
+    assert data["totals"]["log_lines_lost"] > 0
+    for line in log.splitlines():  # every captured line is whole: each starts tagged
+        assert line[:4].isdigit() or line.startswith("  ") or not line.strip(), line[:200]
+
+
+def test_a_stopped_idle_worker_is_shown_stopped_then_replaced_as_stuck(
+        make_manager: Any) -> None:
+    manager = make_manager(APP, count=2, workers={"timeout": 3})
+    manager.start()
+    data = manager.wait_workers(2)
+    frozen = next(w for w in data["workers"] if w["id"] == 1)["pid"]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        seen = wait_for(lambda: (d := manager.status()) and any(
+            w["pid"] == frozen and w["stopped"] for w in d["workers"]) and d, 5,
+            "status to show the worker stopped")
+        assert [w["stopped"] for w in seen["workers"]].count(True) == 1
+        data = wait_for(lambda: (d := manager.status())["totals"]["stuck"] == 1 and
+                        frozen not in [w["pid"] for w in d["workers"]] and
+                        len(d["workers"]) == 2 and d, 15, "the stuck worker replaced")
+    finally:
+        try:
+            os.kill(frozen, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert sorted(w["id"] for w in data["workers"]) == [1, 2]
+    assert data["totals"]["crashes"] == 0
+    assert "missed its heartbeat" in manager.log_text()
+    assert get(manager, "/").status_code == 200
+
+
+def test_output_lines_are_dropped_whole_and_the_loss_is_said_first() -> None:
+    """The worker's output writer on a pipe nobody reads: whole lines queue up to a bound,
+    the newest are dropped (counted), and once the pipe drains the first line after them
+    says how many were lost; no line is ever cut."""
+    from fcgi_manager.outpipe import LineWriter
+
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    os.set_blocking(r, False)
+    counted = []
+    writer = LineWriter(w)
+    writer.on_lost = counted.append
+    try:
+        for i in range(2000):
+            writer.write(f"{i} " + "x" * 1000 + "\n")
+        assert writer.lost > 0 and counted[-1] == writer.lost
+        data = b""
+        while True:
+            try:
+                data += os.read(r, 1 << 20)
+            except BlockingIOError:
+                if not writer.pending:
+                    break
+                writer.retry()
+        lines = [line for line in data.split(b"\n") if line]
+        notices = [line for line in lines if line.startswith(b"fcgi-manager: ")]
+        assert notices == [f"fcgi-manager: {writer.lost} line(s) of this worker's output "
+                           "were lost (the master did not read them in time)".encode()]
+        assert all(len(line) == len(line.split()[0]) + 1001 for line in lines
+                   if line not in notices)
+        assert len(lines) - 1 + writer.lost == 2000
+    finally:
+        os.close(r)
+        os.close(w)

@@ -613,6 +613,44 @@ def test_a_replacement_takes_the_id_of_the_worker_it_replaces_whatever_the_reaso
     assert sorted(w.id for w in sim.sup.current()) == [1, 2, 3]
 
 
+# -- heartbeats ------------------------------------------------------------------------------
+
+
+def beat(at: float, requests: int = 1) -> sv.SlotView:
+    return sv.SlotView(busy=False, requests=requests, heartbeat=at)
+
+
+def test_an_idle_worker_that_misses_its_heartbeat_is_stuck_and_replaced() -> None:
+    sim = Sim(count=2, timeout=5)
+    first, second = sim.running()
+    for _i in range(24):  # 6 s: the second one beats, the first one is silent
+        out = sim.tick(slots={first: beat(1.0), second: beat(sim.now)})
+        if of(sv.MarkStuck, out):
+            break
+    assert signals(out, signal.SIGKILL) == [first]
+    assert of(sv.MarkStuck, out) == [sv.MarkStuck(0)]
+    assert [s.worker_id for s in of(sv.Spawn, out)] == [1]
+    assert logged(out, "missed its heartbeat") and sim.sup.totals["stuck"] == 1
+    assert sim.sup.workers[first].state is WorkerState.STUCK
+    assert 5.0 < sim.now - 100.0 <= 6.0
+    out = sim.exit(first, killed(signal.SIGKILL))
+    assert sim.sup.totals["crashes"] == 0 and not of(sv.Spawn, out)
+    sim.command("stop")  # stuck -> stopping is legal
+
+
+def test_a_master_that_was_stopped_does_not_blame_its_idle_workers() -> None:
+    sim = Sim(count=1, timeout=5)
+    (pid,) = sim.running()
+    sim.tick(slots={pid: beat(sim.now)})
+    out = sim.tick(after=16, slots={pid: beat(sim.now - 0.5)})  # its beats went on
+    assert not of(sv.Signal, out) and sim.sup.totals["stuck"] == 0
+    busy = sv.SlotView(busy=True, busy_since=sim.now, requests=1, what="GET /")
+    for _ in range(30):  # busy and silent: workers.timeout judges, not the heartbeat
+        sim.tick(slots={pid: sv.SlotView(busy=True, busy_since=busy.busy_since, requests=1,
+                                         heartbeat=1.0)})
+    assert sim.sup.totals["stuck"] == 0
+
+
 # -- the tables ------------------------------------------------------------------------------
 
 

@@ -6,13 +6,16 @@
 - ``/sleep?s=N`` sleeps N seconds in ``sleep_for_test``;
 - ``/grow?mb=N`` keeps N MiB for the rest of the worker's life (for ``max_memory``),
   answers the pid;
+- ``/err`` writes a long traceback-like text to stderr (an error flood), answers 200;
 - ``/stream`` streams 64 KiB chunks until the server stops it (``FCGI_ABORT_REQUEST``);
 - anything else answers the worker's pid, the thread's name and ``wsgi.multithread``.
 """
 
 import os
+import sys
 import threading
 import time
+import traceback
 from urllib.parse import parse_qs
 
 _barriers = {}
@@ -63,6 +66,9 @@ def app(environ, start_response):
     elif path == "/grow":
         _kept.append(b"\x01" * (int(query.get("mb", "1")) << 20))  # touched: resident
         body = f"{os.getpid()}\n".encode()
+    elif path == "/err":
+        sys.stderr.write("Traceback (a test flood):\n" + "".join(traceback.format_stack()) * 20)
+        body = b"logged\n"
     elif path == "/stream":
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return _stream()
