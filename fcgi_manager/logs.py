@@ -23,6 +23,7 @@ stderr and logging goes on trying.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -122,6 +123,10 @@ class ReopenableHandler(logging.Handler):
         self.json = json_lines  # log_format = "json": worker lines are written as JSON too
         self.stream: Optional[TextIO] = None
         self._failed = False
+        self.lost = 0  # lines dropped since writing last worked
+        self.lost_total = 0  # lines dropped in all (status: log_lines_lost)
+        self.failing = ""  # "ENOSPC on PATH" while writing fails
+        self.errno = 0  # its errno (status shows "log write failing: ENOSPC on PATH")
         self.open_error = self.reopen()
 
     def reopen(self) -> Optional[str]:
@@ -162,13 +167,47 @@ class ReopenableHandler(logging.Handler):
         stream = self.stream
         if stream is None:
             return
+        if stream is sys.stderr or self.path in ("", "-"):
+            try:
+                stream.write(line + "\n")
+                stream.flush()
+            except (OSError, ValueError) as exc:
+                self._report(f"cannot write the log {self.path}: "
+                             f"{getattr(exc, 'strerror', exc)}")
+            return
+        self._write_whole(stream, line)
+
+    def _write_whole(self, stream: TextIO, line: str) -> None:
+        """One ``write`` per line on the ``O_APPEND`` descriptor, never through a buffer:
+        a line that cannot be written whole (disk full) is dropped and counted, and a
+        part already written is cut off again, so the file never holds a fragment; the
+        first line written once it works again says how many were lost."""
+        data = (line + "\n").encode("utf-8", "replace")
+        if self.lost:
+            data = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} [master {os.getpid()}] WARNING: "
+                    f"{self.lost} log line(s) were lost while writing failed "
+                    f"({self.failing})\n").encode() + data
         try:
-            stream.write(line + "\n")
-            stream.flush()
-            if self._failed and stream is not sys.stderr:
-                self._failed = False
+            fd = stream.fileno()
+            n = os.write(fd, data)
+            if n < len(data):
+                end = os.lseek(fd, 0, os.SEEK_END)
+                os.ftruncate(fd, end - n)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         except (OSError, ValueError) as exc:
-            self._report(f"cannot write the log {self.path}: {getattr(exc, 'strerror', exc)}")
+            code = getattr(exc, "errno", None)
+            self.failing = (f"{errno.errorcode.get(code, 'error')} on {self.path}"
+                            if code else f"{exc} on {self.path}")
+            self.errno = code or 0
+            self.lost += 1
+            self.lost_total += 1
+            self._report(f"log write failing: {self.failing}; lines are counted and dropped "
+                         "until it works again")
+            return
+        self.lost = 0
+        self.failing = ""
+        self.errno = 0
+        self._failed = False
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

@@ -870,6 +870,8 @@ class Master:
             "master_pid": os.getpid(), "generation": sup.generation,
             "started_at": self.started_at, "queue": sup.queue, "max_queue": sup.max_queue,
             "target": sup.target, "backoff_ms": int(max(0.0, wait) * 1000), **sup.totals,
+            "master_log_lost": getattr(self.log_handler, "lost_total", 0),
+            "master_log_errno": getattr(self.log_handler, "errno", 0),
         })
 
     # -- ondemand: the listening socket ------------------------------------------------------

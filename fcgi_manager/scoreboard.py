@@ -63,6 +63,7 @@ HEADER = struct.Struct(
     " q q"  # queue, max_queue (-1 = unknown)
     " I I"  # target worker count, backoff (ms) now
     " Q Q Q"  # accept back-offs, log lines lost (workers gone), idle workers found stuck
+    " Q i"  # lines the master could not write to its log, the errno failing now (0: none)
 )
 HEADER_SIZE = 256
 # Pool-wide flags, at the end of the header area so the header's layout can grow up to
@@ -76,6 +77,7 @@ HEADER_FIELDS = (
     "max_children_reached", "max_active", "spawn_failures",
     "queue", "max_queue", "target", "backoff_ms",
     "accept_backoffs_dead", "log_lines_lost_dead", "stuck",
+    "master_log_lost", "master_log_errno",
 )
 
 # Per slot: identity (written at spawn), request state (written per request), samples

@@ -7,6 +7,7 @@ object. Values the OS cannot tell are ``None``, never guesses.
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from typing import Any, Dict, List, Optional
@@ -27,7 +28,8 @@ def snapshot(cfg: Any, board: Scoreboard) -> Dict[str, Any]:
     shed = int(head["shed_dead"])
     active = idle = busy_threads = threads = 0
     backoffs = int(head["accept_backoffs_dead"])
-    lost = int(head["log_lines_lost_dead"])
+    lost = int(head["log_lines_lost_dead"]) + int(head["master_log_lost"])
+    log_errno = int(head["master_log_errno"])
     for slot in board.read_all():
         pid = int(slot["pid"])  # type: ignore[call-overload]
         if pid <= 0:
@@ -121,6 +123,8 @@ def snapshot(cfg: Any, board: Scoreboard) -> Dict[str, Any]:
         },
         "workers": workers,
         "workers_user": workers_user(cfg),
+        "log_error": (f"log write failing: {errno.errorcode.get(log_errno, log_errno)} on "
+                      f"{cfg.manager.log}") if log_errno else None,
     }
 
 
@@ -190,6 +194,8 @@ def render_text(data: Dict[str, Any]) -> str:
         if t.get(k)]
     if faults:
         lines.insert(-1, "faults   " + ", ".join(faults))
+    if data.get("log_error"):
+        lines.insert(-1, f"warning  {data['log_error']}")
     if data.get("workers_user") == "root":
         lines.insert(-1, f"warning  {ROOT_WARNING}")
     header = ("ID", "PID", "STATE", "GEN", "REQS", "UPTIME", "RSS", "CPU%", "CURRENT")

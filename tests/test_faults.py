@@ -222,3 +222,56 @@ def test_output_lines_are_dropped_whole_and_the_loss_is_said_first() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+# -- a full log disk --------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path: Any) -> Any:
+    """A 256 KiB tmpfs of the test's own (root only), unmounted at teardown."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(mnt)],
+            capture_output=True).returncode != 0:
+        pytest.skip("needs root and mount(8) for a full disk")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(path: Any) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, b"\0" * 512):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def test_a_full_log_disk_counts_lost_lines_and_says_so_when_it_works_again(
+        make_manager: Any, small_disk: Any) -> None:
+    log = small_disk / "app.log"
+    manager = make_manager(APP, count=1, manager={"log": str(log)})
+    manager.log = log
+    manager.start()
+    filler = small_disk / "filler"
+    _fill(filler)
+    for _ in range(5):
+        assert get(manager, "/err").status_code == 200  # lines the master cannot write
+    data = wait_for(lambda: (d := manager.status())["log_error"] and d, 10,
+                    "status to say the log write fails")
+    assert data["log_error"] == f"log write failing: ENOSPC on {log}"
+    assert data["totals"]["log_lines_lost"] > 0
+    filler.unlink()
+    manager.cli("scale", "2")  # something to log once there is room again
+    text = manager.wait_log("log line(s) were lost while writing failed (ENOSPC on", 10)
+    assert wait_for(lambda: manager.status()["log_error"] is None, 10, "the error cleared")
+    for line in text.splitlines():
+        assert line[:4].isdigit() or line.startswith(("  ", "Traceback")) or not line.strip(), \
+            f"a torn fragment in the log: {line[:120]!r}"
