@@ -425,7 +425,16 @@ class Master:
             log.info("reopened the log file %s", self.cfg.manager.log)
             if self.cfg.manager.access_log:
                 self._prepare_access_log()
-                self.board.bump_log_epoch()  # each worker reopens it at its next write
+                self.board.bump_log_epoch()
+                # Busy workers reopen at their next write; idle ones now (the signal only
+                # wakes their loop), so a rotated file is not held open by a quiet worker.
+                # Only ready ones: a worker still starting has no handler for it yet.
+                for w in self.sup.workers.values():
+                    if w.ready:
+                        try:
+                            os.kill(w.pid, signal.SIGUSR1)
+                        except ProcessLookupError:
+                            pass
             return {"reopened": self.cfg.manager.log}
         if name in ("stop", "scale", "reload"):
             self.feed(sv.Command(name, args, client, time.monotonic()))

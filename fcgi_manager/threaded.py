@@ -177,6 +177,7 @@ class ThreadedWorker(Worker):
                         os.read(fd, 512)
                     except OSError:
                         pass
+                    self._reopen_if_asked()
             if conns or self._resume_accept_at:
                 now = time.monotonic()
                 if self._resume_accept_at and now >= self._resume_accept_at:

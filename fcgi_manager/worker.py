@@ -313,8 +313,11 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGQUIT):
             signal.signal(sig, self._on_stop_signal)
         signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_OK))
-        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
+        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)
+        # The master's "reopen your logs": the handler does nothing, the wakeup pipe wakes
+        # the loop, which looks at the scoreboard's log epoch (_reopen_if_asked).
+        signal.signal(signal.SIGUSR1, lambda *_: None)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         faulthandler.register(STACK_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
@@ -448,6 +451,7 @@ class Worker:
                         os.read(fd, 512)
                     except OSError:
                         pass
+                    self._reopen_if_asked()
             if conns or self._resume_accept_at:
                 now = time.monotonic()
                 if self._resume_accept_at and now >= self._resume_accept_at:
@@ -465,6 +469,19 @@ class Worker:
         output = sys.stderr
         if getattr(output, "pending", False):
             output.retry()  # type: ignore[union-attr]
+        self._reopen_if_asked()
+
+    def _reopen_if_asked(self) -> None:
+        """Reopen the access log now if the master asked (its log epoch moved): an idle
+        worker must not keep a rotated file open (its space is not freed)."""
+        access = self.access
+        if access is None or access.epoch == self.slot.log_epoch():
+            return
+        if access.lock is None:
+            access.flush()  # reopens first (and writes what waits, if anything)
+        else:
+            with access.lock:
+                access.flush()
 
     def _stop_accepting(self) -> None:
         """Leave the listening socket to the other workers (or the next generation).

@@ -275,3 +275,36 @@ def test_a_full_log_disk_counts_lost_lines_and_says_so_when_it_works_again(
     for line in text.splitlines():
         assert line[:4].isdigit() or line.startswith(("  ", "Traceback")) or not line.strip(), \
             f"a torn fragment in the log: {line[:120]!r}"
+
+
+# -- log rotation ------------------------------------------------------------------------------
+
+def _holds_deleted(pid: int, name: str) -> bool:
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if name in target and target.endswith("(deleted)"):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_idle_workers_reopen_the_access_log_at_once(make_manager: Any, tmp_path: Any,
+                                                    threads: int) -> None:
+    """logrotate's compress deletes the rotated file: an idle worker that kept it open
+    until its next request kept its space from being freed."""
+    access = tmp_path / "access.log"
+    manager = make_manager(APP, count=2, workers={"threads": threads},
+                           manager={"access_log": str(access)})
+    manager.start()
+    pids = manager.worker_pids()
+    rotated = tmp_path / "access.log.1"
+    access.rename(rotated)
+    rotated.unlink()  # compress: the old file is gone
+    assert manager.cli("reopen-logs").returncode == 0
+    wait_for(lambda: not any(_holds_deleted(p, "access.log") for p in pids), 3,
+             "every idle worker to let go of the deleted access log")
+    assert access.exists()
+    assert manager.worker_pids() == pids  # reopened, not replaced
