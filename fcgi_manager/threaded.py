@@ -139,6 +139,8 @@ class ThreadedWorker(Worker):
                 self._retire_idle_kept(now)
                 if not conns and not self.running:
                     return
+                if self.access is not None and self.access.pending:
+                    self._flush_access(None)  # a kill may end the stop: lines go out now
                 if not deadline:
                     deadline = now + self._stop_limit()
                 elif now > deadline:

@@ -320,10 +320,38 @@ class Worker:
         signal.signal(signal.SIGUSR1, lambda *_: None)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        faulthandler.register(STACK_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
+        # The stack dump comes first (C level, even inside a stuck C call); then, chained,
+        # a Python handler writes the access-log lines of the requests already finished:
+        # this signal is the master's last word before a kill for workers.timeout.
+        signal.signal(STACK_SIGNAL, self._on_stack_signal)
+        faulthandler.register(STACK_SIGNAL, file=sys.stderr, all_threads=True, chain=True)
 
     def _on_stop_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True
+        self._flush_access(frame)  # a kill may follow graceful_timeout
+
+    def _on_stack_signal(self, signum: int, frame: Any) -> None:
+        self._flush_access(frame)
+
+    def _flush_access(self, frame: Any) -> None:
+        """Write the finished requests' access-log lines now, from a signal handler (in
+        the main thread, between two bytecodes: a sleeping app is interrupted and resumes).
+        Not when the signal interrupted the access log itself: it is writing already."""
+        access = self.access
+        if access is None or not access.pending:
+            return
+        while frame is not None:
+            if frame.f_code.co_filename == accesslog.__file__:
+                return
+            frame = frame.f_back
+        lock = access.lock
+        if lock is None:
+            access.flush()
+        elif lock.acquire(timeout=0.5):  # app threads hold it only to add a line
+            try:
+                access.flush()
+            finally:
+                lock.release()
 
     def _notify(self, kind: bytes, payload: bytes = b"") -> None:
         try:

@@ -308,3 +308,23 @@ def test_idle_workers_reopen_the_access_log_at_once(make_manager: Any, tmp_path:
              "every idle worker to let go of the deleted access log")
     assert access.exists()
     assert manager.worker_pids() == pids  # reopened, not replaced
+
+
+# -- the access log and a kill ----------------------------------------------------------------
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_a_finished_requests_access_line_survives_a_kill_for_timeout(
+        make_manager: Any, tmp_path: Any, threads: int) -> None:
+    """Lines wait up to a second in the worker's buffer: a request killed for
+    workers.timeout right after another one finished took that one's line with it."""
+    access = tmp_path / "access.log"
+    manager = make_manager(APP, count=1, workers={"threads": threads, "timeout": 2},
+                           manager={"access_log": str(access)})
+    manager.start()
+    assert get(manager, "/?finished-first").status_code == 200
+    try:
+        get(manager, "/sleep?s=30", 20.0)  # killed for workers.timeout
+    except OSError:
+        pass
+    wait_for(lambda: manager.status()["totals"]["timeouts"] == 1, 15, "the kill")
+    assert "finished-first" in access.read_text()
