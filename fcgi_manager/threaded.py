@@ -24,9 +24,10 @@ on its hot path): a threaded worker is a different loop.
 * **Status without locks.** Each app thread writes its own scoreboard entry
   (:class:`.scoreboard.ThreadSlotWriter`); the main thread writes only the slot's state.
 * **Stopping and recycling** stop accepting, then wait for every request in flight (and
-  for complete requests still queued for a thread). ``max_requests`` and ``max_memory``
-  are checked by the main thread after each request; a recycling worker finishes what it
-  runs (up to ``workers.timeout``) instead of dropping it.
+  for complete requests still queued for a thread). ``max_requests`` is checked by the
+  main thread after each request, ``max_memory`` by the app thread right after its
+  response; a recycling worker tells the master at once (its replacement starts now) and
+  finishes what it runs (up to ``workers.timeout``) instead of dropping it.
 * **A hung request**: the master dumps every thread's stack (faulthandler, all threads),
   then stops the worker gracefully so the other threads get ``graceful_timeout`` to finish,
   then kills it (see the master's timeout check).
@@ -44,7 +45,7 @@ import queue
 import select
 import threading
 import time
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from . import protocol
 from .scoreboard import Scoreboard, ThreadSlotWriter
@@ -308,7 +309,7 @@ class ThreadedWorker(Worker):
     def _finished(self, conn: Conn, outcome: int) -> None:
         if outcome != CLOSE_UNSERVED:
             self.served += 1
-            if self.max_requests or self.max_memory:
+            if self.max_requests:
                 self._check_recycle()
         if outcome != KEEP or not conn.parser.keep_conn or self.stopping:
             self._close(conn)  # while stopping: FIN right behind END_REQUEST
@@ -358,6 +359,9 @@ class ThreadedWorker(Worker):
         if meter is not None:
             meter.begin()
             send = meter.counting(send)
+        checked = [False]
+        if self.max_memory:
+            send = self._memory_checked(send, checked)
         outcome = KEEP
         conn.replies = 0
         code = 499  # nginx's "client closed the request", unless the response went out
@@ -383,12 +387,30 @@ class ThreadedWorker(Worker):
             state.errors.reset()
             outcome = CLOSE_SERVED
         slot.idle()
+        if self.max_memory and not checked[0] and not self.stopping:
+            self._check_memory()  # the response did not end normally
         if meter is not None:
             meter.end(params, uri, code)
         conn.parser.request_done()
         conn.request_id = 0
         conn.params = conn.body = None
         return outcome
+
+    def _memory_checked(self, send: Callable[[bytes], None], checked: List[bool]
+                        ) -> Callable[[bytes], None]:
+        """``send`` that checks ``max_memory`` just before the write that ends the
+        response (END_REQUEST is its last record): once the client has its answer it may
+        send the next request at once, and the main thread -- holding the GIL while this
+        thread waits for it -- could give it to another thread before a check made after
+        the write. Checked first, a worker past the limit has stopped accepting by then."""
+        def checking(data: bytes) -> None:
+            if len(data) >= 16 and data[-15] == protocol.END_REQUEST and data[-16] == 1 \
+                    and not checked[0]:
+                checked[0] = True
+                if not self.stopping:
+                    self._check_memory()
+            send(data)
+        return checking
 
     def _special(self, params: Dict[str, str]) -> Optional[tuple]:
         """The worker's own answers (ping, status, shedding), from an app thread: the shed

@@ -1002,11 +1002,14 @@ class Worker:
             log.info("served %d requests (workers.max_requests): recycling", self.served)
             self._leave(EXIT_RECYCLE_REQUESTS, "max_requests")
         elif self.max_memory:
-            peak = _getrusage(_RUSAGE_SELF).ru_maxrss * 1024
-            if peak > self.max_memory:
-                log.info("memory %d MiB is over workers.max_memory (%d MiB): recycling",
-                         peak >> 20, self.max_memory >> 20)
-                self._leave(EXIT_RECYCLE_MEMORY, "max_memory")
+            self._check_memory()
+
+    def _check_memory(self) -> None:
+        peak = _getrusage(_RUSAGE_SELF).ru_maxrss * 1024
+        if peak > self.max_memory and not self.stopping:
+            log.info("memory %d MiB is over workers.max_memory (%d MiB): recycling",
+                     peak >> 20, self.max_memory >> 20)
+            self._leave(EXIT_RECYCLE_MEMORY, "max_memory")
 
     def _leave(self, exit_code: int, reason: str) -> None:
         """Stop accepting on our own, and say so at once: the master starts the replacement
