@@ -608,7 +608,7 @@ class Worker:
             self._emfile_logged = now
             soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
             log.error("cannot accept: %s (%d connections open, the open-files limit is "
-                      "%d): raise the limit (`ulimit -n`, systemd's LimitNOFILE=); accepting "
+                      "%d): raise manager.rlimit_files (or `ulimit -n`, LimitNOFILE=); accepting "
                       "resumes as soon as a connection closes, and the back-offs are "
                       "counted in status (accept_backoffs)", exc.strerror, len(self.conns),
                       soft)
