@@ -45,6 +45,7 @@ from json.encoder import encode_basestring as _encode_json_string
 from typing import Any, Callable, Dict, List, Optional
 
 from . import fsafe
+from .escaping import escape
 
 log = logging.getLogger("fcgi_manager.worker")
 
@@ -96,15 +97,6 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _stderr_fd = -1
 
 
-def _escape(text: str) -> str:
-    """Request data in a log line: control characters, quote and backslash as ``\\xHH``
-    (nginx's escaping), so a crafted URI cannot forge a line."""
-    if text.isprintable() and '"' not in text and "\\" not in text:
-        return text
-    return "".join(c if c.isprintable() and c not in '"\\' else f"\\x{ord(c):02x}"
-                   for c in text)
-
-
 class _Fields(dict):
     """The atoms of one line, computed only when the format asks for them."""
 
@@ -114,20 +106,20 @@ class _Fields(dict):
         p = self.params
         e = self.entry
         if key == "r":
-            value = f"{_escape(p.get('REQUEST_METHOD', '-'))} " \
-                    f"{_escape(e.uri)} {_escape(p.get('SERVER_PROTOCOL', '-'))}"
+            value = f"{escape(p.get('REQUEST_METHOD', '-'), True)} " \
+                    f"{escape(e.uri, True)} {escape(p.get('SERVER_PROTOCOL', '-'), True)}"
         elif key == "m":
-            value = _escape(p.get("REQUEST_METHOD", "-"))
+            value = escape(p.get("REQUEST_METHOD", "-"), True)
         elif key == "U":
-            value = _escape(e.uri.partition("?")[0])
+            value = escape(e.uri.partition("?")[0], True)
         elif key == "q":
-            value = _escape(p.get("QUERY_STRING", ""))
+            value = escape(p.get("QUERY_STRING", ""), True)
         elif key == "H":
-            value = _escape(p.get("SERVER_PROTOCOL", "-"))
+            value = escape(p.get("SERVER_PROTOCOL", "-"), True)
         elif key == "f":
-            value = _escape(p.get("HTTP_REFERER", "-"))
+            value = escape(p.get("HTTP_REFERER", "-"), True)
         elif key == "a":
-            value = _escape(p.get("HTTP_USER_AGENT", "-"))
+            value = escape(p.get("HTTP_USER_AGENT", "-"), True)
         elif key == "B":
             value = e.nbytes
         elif key == "T":
@@ -266,8 +258,8 @@ class AccessLog:
         a dict of atoms."""
         get = params.get
         request = f"{get('REQUEST_METHOD', '-')} {uri} {get('SERVER_PROTOCOL', '-')}"
-        return _DEFAULT_LINE % (_escape(get("REMOTE_ADDR", "-")), self._time_text,
-                                _escape(request), status, nbytes or "-", duration * 1000,
+        return _DEFAULT_LINE % (escape(get("REMOTE_ADDR", "-"), True), self._time_text,
+                                escape(request, True), status, nbytes or "-", duration * 1000,
                                 self.worker_id, self._rss_mib, cpu * 1000)
 
     def _custom_line(self, params: Dict[str, str], uri: str, status: int, nbytes: int,
@@ -275,7 +267,7 @@ class AccessLog:
         e = _Entry()
         e.uri, e.nbytes, e.duration, e.cpu, e.rss = uri, nbytes, duration, cpu, self.rss
         fields = _Fields(
-            h=_escape(params.get("REMOTE_ADDR", "-")), t=self._time_text, s=status,
+            h=escape(params.get("REMOTE_ADDR", "-"), True), t=self._time_text, s=status,
             b=nbytes or "-", w=self.worker_id, duration_ms=f"{duration * 1000:.3f}",
             rss_mib=self._rss_mib, cpu_ms=f"{cpu * 1000:.3f}")
         fields.params = params
@@ -291,7 +283,7 @@ class AccessLog:
     def _json_line(self, params: Dict[str, str], uri: str, status: int, nbytes: int,
                    duration: float, cpu: float) -> str:
         """One JSON object as one ``%`` on a tuple (``json.dumps`` of a dict costs twice as
-        much); strings go through json's own C escaper."""
+        much); strings go through :func:`escape`, then json's own C escaper."""
         get = params.get
         ms = int((time.time() - self._sec) * 1000) % 1000
         return _JSON_LINE % (
@@ -409,7 +401,9 @@ class ThreadMeter:
 
 
 def _json_str(value: Optional[str]) -> str:
-    return "null" if value is None else _encode_json_string(value)
+    """A JSON string of request data: :func:`escape` first (JSON's own escaper lets DEL
+    and the C1 controls through raw), then JSON's quoting."""
+    return "null" if value is None else _encode_json_string(escape(value))
 
 
 def _nowhere(data: bytes) -> None:  # pragma: no cover - never called

@@ -32,6 +32,7 @@ import time
 from typing import Any, Dict, Optional, TextIO
 
 from . import fsafe
+from .escaping import escape
 
 LOGGER = "fcgi_manager"
 RECORD_SEPARATOR = "\x1e"  # starts a worker's JSON log record (RFC 7464)
@@ -75,21 +76,6 @@ class _JsonFormatter(logging.Formatter):
         obj.update(_event_fields(record))
         obj["message"] = msg
         return _dumps(obj)
-
-# Control characters (C0, DEL, C1) as visible escapes: request data and app output can
-# then neither start a forged log line (CR, LF) nor drive the terminal that shows the
-# log (ESC). Tab stays a tab.
-_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
-_ESCAPES.update({0x0A: "\\n", 0x0D: "\\r"})
-del _ESCAPES[0x09]
-
-
-def escape(text: str) -> str:
-    """``text`` with control characters shown as ``\\r``, ``\\n``, ``\\x1b``..."""
-    if text.isprintable():
-        return text
-    return text.translate(_ESCAPES)
-
 
 def shown_uri(uri: str, show_query: bool) -> str:
     """A request URI as status and logs show it: the query string (where tokens and
@@ -298,10 +284,19 @@ def worker_json_line(worker_id: int, pid: int, line: str) -> str:
         except ValueError:
             record = None
         if isinstance(record, dict):
-            head.update(record)
+            head.update({k: _escape_lines(v) if isinstance(v, str) else v
+                         for k, v in record.items()})
             head["pid"], head["worker"] = pid, worker_id
             return _dumps(head)
         line = line[1:]
     head["event"] = "output"
-    head["message"] = line
+    head["message"] = escape(line)
     return _dumps(head)
+
+
+def _escape_lines(text: str) -> str:
+    """A record's text escaped line by line: a traceback keeps its line breaks (JSON
+    writes them as ``\\n``), and everything else that does not print is escaped."""
+    if text.isprintable():
+        return text
+    return "\n".join(escape(part) for part in text.split("\n"))

@@ -13,7 +13,8 @@ import time
 from typing import Any, Dict, List, Optional
 from urllib.parse import parse_qs
 
-from .logs import escape, shown_uri
+from .escaping import escape
+from .logs import shown_uri
 from .privileges import ROOT_WARNING, workers_user
 from .scoreboard import DURATION_BUCKETS, Scoreboard
 from .version import __version__

@@ -48,6 +48,7 @@ import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from . import protocol
+from .escaping import escape
 from .scoreboard import Scoreboard, ThreadSlotWriter
 from .worker import EXIT_OK, IDLE_CONN_TIMEOUT, Conn, Worker
 from .wsgi import (
@@ -222,8 +223,9 @@ class ThreadedWorker(Worker):
         for conn in self.running.values():
             params = conn.params or {}
             log.warning("exiting with a request still running after the stop's time limit: "
-                        "%s %s (its client gets an error)", params.get("REQUEST_METHOD", "?"),
-                        (params.get("REQUEST_URI") or "")[:200])
+                        "%s (its client gets an error)",
+                        escape(f"{params.get('REQUEST_METHOD', '?')} "
+                               f"{(params.get('REQUEST_URI') or '')[:200]}"))
 
     # -- handing requests to threads and taking them back ---------------------------------
 
@@ -376,14 +378,14 @@ class ThreadedWorker(Worker):
                 code = run_app(self.app, environ, send, rid, state.errors,
                                self._log_exception, conn.check_abort)
         except RequestAborted as exc:
-            log.info("%s %s: %s", method, uri[:200], exc)
+            log.info("%s: %s", escape(f"{method} {uri[:200]}"), exc)
             state.errors.reset()
             try:
                 send(protocol.end_of_request(rid, 0))
             except ClientGone:
                 outcome = CLOSE_UNSERVED
         except ClientGone as exc:
-            log.info("%s %s: %s (client abort?)", method, uri[:200], exc)
+            log.info("%s: %s (client abort?)", escape(f"{method} {uri[:200]}"), exc)
             state.errors.reset()
             outcome = CLOSE_SERVED
         slot.idle()

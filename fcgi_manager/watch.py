@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, TextIO, Tuple
 
 from . import status as status_mod
 from .errors import FcgiManagerError
+from .escaping import escape
 
 Fetch = Callable[[], Dict[str, Any]]
 
@@ -134,8 +135,8 @@ def screen_lines(data: Optional[Dict[str, Any]], rate: Optional[Dict[str, Any]],
     per = rate["workers"] if rate else {}
     for w in data["workers"]:
         cur = w["current"]
-        current = (f"{cur['method']} {cur['uri']} ({status_mod.human_duration(cur['elapsed_s'])})"
-                   if cur else "")
+        current = (escape(f"{cur['method']} {cur['uri']}") +
+                   f" ({status_mod.human_duration(cur['elapsed_s'])})" if cur else "")
         r = per.get(w["id"])
         lines.append((f"{w['id']:>4} {w['pid']:>7} {w['state']:<8} {w['generation']:>3} "
                       f"{w['requests']:>8} {'-' if r is None else f'{r:.1f}':>7} "

