@@ -155,10 +155,17 @@ def same_process(pid: int, start: Optional[int]) -> bool:
     return start is not None and pid_alive(pid) and process_start_ticks(pid) == start
 
 
+PIDFILE_MODE = 0o600
+
+
 def write_pidfile(path: str, pid: int) -> int:
     """Write the pidfile, locked; returns the descriptor holding the lock, which the
-    master keeps open (and carries across its reload's exec)."""
-    return fsafe.create_exclusive(path, f"{pid}\n".encode("ascii"), 0o644, lock=True)
+    master keeps open (and carries across its reload's exec).
+
+    Mode 0600: a POSIX lock needs an open descriptor, so a user who could read the file
+    could also lock it, and a locking process whose pid is in the file would read as
+    the live master. Root and the master's own user, who read it, are enough."""
+    return fsafe.create_exclusive(path, f"{pid}\n".encode("ascii"), PIDFILE_MODE, lock=True)
 
 
 PIDFILE_FD_ENV = "FCGI_MANAGER_PIDFILE_FD"

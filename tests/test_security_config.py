@@ -16,6 +16,7 @@ import json
 import os
 import pwd
 import shutil
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -160,3 +161,44 @@ def test_access_log_escapes_del_and_c1(tmp_path: Path, json_lines: bool) -> None
         line = json.loads(text)
         assert line["uri"] == "/a\\x9b31m\\x7f\\r\\nb"
         assert line["user_agent"] == "agent\\x9b2J\\x85"
+
+
+# -- row 12: the pidfile is 0600 -----------------------------------------------------------
+
+def _as_nobody(action: Callable[[], int]) -> int:
+    """Run ``action`` in a forked child that dropped to ``nobody``; its exit status."""
+    nobody = _nobody()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 99
+        try:
+            os.setgroups([])
+            os.setresgid(nobody.pw_gid, nobody.pw_gid, nobody.pw_gid)
+            os.setresuid(nobody.pw_uid, nobody.pw_uid, nobody.pw_uid)
+            code = action()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _lock_for_reading(path: Path) -> int:
+    """0 if this process could take a read lock on ``path``, 3 if it may not open it."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except PermissionError:
+        return 3
+    fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    return 0
+
+
+def test_pidfile_cannot_be_locked_by_another_user(shared_dir: Path,
+                                                  make_manager: MakeManager) -> None:
+    m = make_manager("hello:app", count=1, tmp=shared_dir)
+    m.start()
+    assert stat.S_IMODE(m.pidfile.stat().st_mode) == 0o600
+    assert _as_nobody(lambda: _lock_for_reading(m.pidfile)) == 3
+    assert m.status()["pid"] == m.read_pidfile()
+    m.stop()
