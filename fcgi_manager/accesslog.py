@@ -436,7 +436,8 @@ def prepare_master(cfg: Any, uid: Optional[int] = None, gid: Optional[int] = Non
             except (OSError, ValueError):
                 _stderr_fd = -1
         return
-    fd = fsafe.open_append(path, FILE_MODE)  # never through a link someone else made
+    # Never through a link someone else made, nor into a file of a third user.
+    fd = fsafe.open_append(path, FILE_MODE, owners=(uid,))
     try:
         if os.geteuid() == 0 and uid is not None:
             os.fchown(fd, uid, -1 if gid is None else gid)

@@ -19,9 +19,9 @@ import signal
 import socket
 import sys
 import tempfile
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
-from . import client, daemon, logs, rundir, sockets, webusers
+from . import client, daemon, fsafe, logs, rundir, sockets, webusers
 from .appload import leave_shell_directory, load_app, prepare_import
 from .config import Config
 from .errors import AppImportError, FcgiManagerError, format_error
@@ -59,8 +59,13 @@ def run_check(cfg: Config, path: str = "/") -> int:
         _say(f"bind     {note}")
     for warning in webusers.socket_warnings(cfg):
         _say(f"warning  {warning}")
-    _say(f"app      {cfg.app.module}  (python {sys.version.split()[0]} at {sys.executable})")
     user = resolve_user(cfg.manager.user, cfg.manager.group)
+    problems = log_problems(cfg, user.uid)
+    for problem in problems:
+        print(f"Error: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    _say(f"app      {cfg.app.module}  (python {sys.version.split()[0]} at {sys.executable})")
     apply_environment(cfg.app)
     try:
         # Where start imports from: app.chdir, else "/" -- the daemon's directory, and
@@ -117,6 +122,23 @@ def _findable(top: str, directory: str) -> bool:
 
 
 Problem = Tuple[str, str]  # what is wrong, what to do
+
+
+def log_problems(cfg: Config, app_uid: Optional[int]) -> List[str]:
+    """The log files ``start`` would refuse as they are now (a planted FIFO, another
+    user's file, one every user can write): the log (or the background default beside
+    the pidfile) and the access log, which ``manager.user`` writes too."""
+    m = cfg.manager
+    found = []
+    logs = [("manager.log", _log_path(cfg), ()),
+            ("manager.access_log", m.access_log, (app_uid,))]
+    for key, path, owners in logs:
+        if path in ("", "-"):
+            continue
+        why = fsafe.log_file_problem(path, owners)
+        if why:
+            found.append(f"{key}: cannot use {path}: {why}")
+    return found
 
 
 def bind_problems(cfg: Config) -> Tuple[List[Problem], List[str]]:

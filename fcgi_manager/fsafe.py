@@ -96,16 +96,35 @@ def _group_is_trusted(gid: int, trusted: set) -> bool:
     return uids <= trusted
 
 
-def open_append(path: str, mode: int = 0o666) -> int:
+def open_append(path: str, mode: int = 0o666, owners: Iterable[Optional[int]] = (),
+                create: bool = True) -> int:
     """Open a log file for appending; create it if missing (with ``mode`` and the umask).
 
     A symbolic link is followed only if root or we made it (``/dev/stdout``, a link an
     administrator set up); one made by anyone else -- the app's user can write some
-    directories -- is refused, as is a regular file with other hard links."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+    directories -- is refused. The open never blocks (``O_NONBLOCK``), and what it found
+    is checked on the descriptor (``fstat``), so what is checked is what gets written:
+
+    * a named FIFO is refused (a reader that never reads would freeze the writer); only
+      an anonymous pipe, reached through a trusted link like ``/dev/stdout``, is used;
+    * a regular file must belong to the writing user (or one of ``owners``: the master
+      creates the access log for ``manager.user``) and not be writable by others, so
+      another user's planted file never receives our lines; nor may it have other hard
+      links.
+
+    Raises OSError naming ``path``, whose ``strerror`` says the reason (FileNotFoundError
+    for a missing file without ``create``)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK
+    if create:
+        flags |= os.O_CREAT
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW, mode)
     except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a FIFO without a reader, or a socket
+            fifo = stat.S_ISFIFO(os.lstat(path).st_mode)
+            raise OSError(errno.ENXIO, "it is a FIFO, which fcgi-manager does not write "
+                                       "logs to" if fifo else "it is not a file, a pipe or "
+                                       "a terminal", path) from None
         if exc.errno != errno.ELOOP:
             raise
         owner = os.lstat(path).st_uid
@@ -114,18 +133,50 @@ def open_append(path: str, mode: int = 0o666) -> int:
                                      f"fcgi-manager does not follow", path) from None
         fd = os.open(path, flags, mode)
     try:
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode):
-            if st.st_nlink > 1:
-                raise OSError(errno.EMLINK, "it has other hard links, which fcgi-manager "
-                                            "does not write through", path)
-        elif not (stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
-            raise OSError(errno.EINVAL, "it is not a file, a pipe or a terminal", path)
+        _check_log_file(fd, path, {os.geteuid()} | {u for u in owners if u is not None})
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def log_file_problem(path: str, owners: Iterable[Optional[int]] = ()) -> str:
+    """Why :func:`open_append` would refuse the file at ``path`` as it is now ('' if it
+    would not, or if there is no file yet): for ``check``, which must fail on what
+    ``start`` refuses, without creating anything."""
+    try:
+        os.close(open_append(path, owners=owners, create=False))
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return ""
+
+
+def _check_log_file(fd: int, path: str, owners: set) -> None:
+    """Refuse what :func:`open_append` opened unless it is safe to write (see there)."""
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode):
+        if st.st_uid not in owners:
+            raise OSError(errno.EPERM, f"it belongs to uid {st.st_uid}, not to the user "
+                                       f"writing it (uid {os.geteuid()})", path)
+        if st.st_mode & stat.S_IWOTH:
+            raise OSError(errno.EPERM, f"every user can write it (mode "
+                                       f"{stat.S_IMODE(st.st_mode):04o})", path)
+        if st.st_nlink > 1:
+            raise OSError(errno.EMLINK, "it has other hard links, which fcgi-manager "
+                                        "does not write through", path)
+    elif stat.S_ISFIFO(st.st_mode):
+        try:
+            anonymous = os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+        except OSError:
+            anonymous = False
+        if not anonymous:
+            raise OSError(errno.EPERM, "it is a FIFO, which fcgi-manager does not write "
+                                       "logs to", path)
+    elif not stat.S_ISCHR(st.st_mode):
+        raise OSError(errno.EINVAL, "it is not a file, a pipe or a terminal", path)
 
 
 def create_exclusive(path: str, content: bytes, mode: int, lock: bool = False) -> int:

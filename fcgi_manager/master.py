@@ -421,6 +421,7 @@ class Master:
         if name == "reopen-logs":
             error = self.log_handler.reopen()
             if error:
+                log.error("reopen-logs: %s; logging goes on to the old file", error)
                 raise FcgiManagerError(f"{error} (logging goes on to the old file, if any)")
             log.info("reopened the log file %s", self.cfg.manager.log)
             if self.cfg.manager.access_log:

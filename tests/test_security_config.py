@@ -202,3 +202,69 @@ def test_pidfile_cannot_be_locked_by_another_user(shared_dir: Path,
     assert _as_nobody(lambda: _lock_for_reading(m.pidfile)) == 3
     assert m.status()["pid"] == m.read_pidfile()
     m.stop()
+
+
+# -- row 6: log files planted by another user ----------------------------------------------
+
+def _plant(path: Path, kind: str) -> int:
+    """Make ``path`` what another user (``nobody``) would plant there: a file every user
+    can write, or a FIFO it holds open for reading and never reads. Returns the reading
+    end (or -1), for the test to close."""
+    nobody = _nobody()
+    if kind == "fifo":
+        os.mkfifo(path, 0o666)
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        return os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    path.write_text("planted\n")
+    os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    path.chmod(0o666)
+    return -1
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo"])
+@pytest.mark.parametrize("key", ["log", "access_log"])
+def test_planted_log_file_is_refused_at_start_and_check(shared_dir: Path,
+                                                        make_manager: MakeManager,
+                                                        key: str, kind: str) -> None:
+    """Row 6: in a sticky world-writable directory, a file of another user (0666) or a
+    FIFO nobody reads where the log goes: start and check refuse it, naming the path and
+    the reason; the master never appends to it, nor freezes on it."""
+    target = shared_dir / f"planted-{key}"
+    reader = _plant(target, kind)
+    try:
+        m = make_manager("hello:app", count=1, tmp=shared_dir,
+                         manager={key: str(target)} if key == "access_log" else {})
+        if key == "log":
+            m.log = target
+            m.update("manager", log=str(target))
+        out = m.start(check=False)
+        assert out.returncode == 1, out
+        reason = "FIFO" if kind == "fifo" else "belongs to uid"
+        assert str(target) in out.stderr and reason in out.stderr, out
+        assert m.read_pidfile() is None, out
+        checked = m.cli("check", timeout=60)
+        assert checked.returncode == 1, checked
+        assert str(target) in checked.stderr and reason in checked.stderr, checked
+        if kind == "file":
+            assert target.read_text() == "planted\n"
+    finally:
+        if reader >= 0:
+            os.close(reader)
+
+
+def test_reopen_refuses_a_planted_log_and_keeps_the_old_file(shared_dir: Path,
+                                                             make_manager: MakeManager
+                                                             ) -> None:
+    """Row 6, at reopen: the refusal is logged (to the old file, which stays in use) and
+    ``reopen-logs`` fails with the path and the reason."""
+    m = make_manager("hello:app", count=1, tmp=shared_dir)
+    m.start()
+    rotated = shared_dir / "app.log.1"
+    os.rename(m.log, rotated)
+    _plant(m.log, "file")
+    out = m.cli("reopen-logs")
+    assert out.returncode == 1, out
+    assert str(m.log) in out.stderr and "belongs to uid" in out.stderr, out
+    wait_for(lambda: "reopen-logs" in rotated.read_text(), 10, "the refusal in the old log")
+    assert m.log.read_text() == "planted\n"
+    m.stop()
