@@ -46,11 +46,17 @@ commands:
   request PATH      send a FastCGI request to the running socket and print the answer
 
 Settings come from flags > environment (FCGI_MANAGER_<SECTION>_<KEY>, WEB_CONCURRENCY)
-> the config file > defaults. `fcgi-manager COMMAND --help` says more, with exit statuses.
+> the config file > defaults. The environment may not weaken manager.user, manager.group,
+listen.allowed_clients or app.clear_env where the file sets them, unless
+--allow-env-override is given. `fcgi-manager COMMAND --help` says more, with exit statuses.
 
 -c DIR (a directory): every DIR/*.toml is one app with its own master; run, start, stop,
 restart, reload and status act on all of them, or on the app names given after the command.
 """
+
+ALLOW_ENV_HELP = ("let FCGI_MANAGER_* variables change manager.user or manager.group, "
+                  "widen listen.allowed_clients or turn off app.clear_env where the config "
+                  "file sets them (a config error otherwise)")
 
 # What each command does and how it exits, for its --help (summary, description, exits).
 HELP: Dict[str, Tuple[str, str, str]] = {
@@ -148,6 +154,8 @@ def _subparser(sub: Any, name: str) -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--config", dest="config_after", default=None, metavar="CONFIG",
                    help="TOML config file (default: $FCGI_MANAGER_CONFIG)")
+    p.add_argument("--allow-env-override", dest="allow_env_after", action="store_true",
+                   help=ALLOW_ENV_HELP)
     p.add_argument("--version", action="version", version=f"fcgi-manager {__version__}",
                    help=argparse.SUPPRESS)
     return p
@@ -173,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--config", default=os.environ.get("FCGI_MANAGER_CONFIG"),
                    help="TOML config file (default: $FCGI_MANAGER_CONFIG)")
+    p.add_argument("--allow-env-override", action="store_true", help=ALLOW_ENV_HELP)
     p.add_argument("--version", action="version", version=f"fcgi-manager {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -241,6 +250,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "config_after", None):
         args.config = args.config_after
+    config_mod.allow_env_override(args.allow_env_override or
+                                  getattr(args, "allow_env_after", False))
     resume_config = resume.take_config_path()
     if resume_config:
         args.config = resume_config  # a reload re-executed us: same file, absolute path

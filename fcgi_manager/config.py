@@ -19,6 +19,13 @@ Where a value comes from, highest first (as gunicorn and twelve-factor apps expe
 Relative paths given by flags or the environment are relative to the current directory.
 Every key remembers what set it (``Config.origin``), so errors and ``fcgi-manager config``
 can name the variable or flag instead of the file.
+
+The environment may not weaken a security key the file sets (:data:`SECURITY_KEYS`):
+whoever can set a variable of the manager's environment (a unit's ``Environment=``, a
+container's ``env``, an ``.env`` file) is not always whoever wrote the file, and an empty
+``FCGI_MANAGER_MANAGER_USER`` would run the app as root. Such a variable is a config error
+naming it, unless the command line says it is meant (``--allow-env-override``,
+:func:`allow_env_override`). Flags are the operator's own word and may change anything.
 """
 
 from __future__ import annotations
@@ -429,6 +436,77 @@ class Override:
 ENV_PREFIX = "FCGI_MANAGER_"
 # Our own variables in the same namespace, which are not settings.
 ENV_RESERVED = ("CONFIG", "RESUME", "RESUME_CONFIG", "RESUME_CWD", "REGISTRY")
+# Keys that keep the app from the machine and the socket from strangers: the environment
+# may not weaken them where the file sets them (see the module docstring).
+SECURITY_KEYS = ("manager.user", "manager.group", "listen.allowed_clients", "app.clear_env")
+
+
+def settings_environment(environ: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """The variables of ``environ`` (default ``os.environ``) that are settings.
+
+    The master keeps this copy from its start: ``app.clear_env`` then empties its own
+    environment, and every later re-read of the file (a reload's validation) must see
+    the settings the master was started with, not what is left (without it a
+    ``manager.user`` given only by the environment was lost, and the reload's import ran
+    as root)."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items()
+            if k.startswith(ENV_PREFIX) or k == "WEB_CONCURRENCY"}
+
+
+# Whether this process's command line said the environment may weaken SECURITY_KEYS.
+_ENV_MAY_WEAKEN = [False]
+
+
+def allow_env_override(allowed: bool = True) -> None:
+    """``--allow-env-override``: environment values may change a security key the file
+    sets. Set once from the command line; a reload (same argv) keeps it."""
+    _ENV_MAY_WEAKEN[0] = allowed
+
+
+def _weakening(key: str, in_file: Any, value: Any) -> str:
+    """How ``value`` from the environment weakens the file's ``in_file`` ('' if not).
+
+    ``app.clear_env`` may only be turned on, and ``listen.allowed_clients`` only narrowed
+    (a non-empty subset); ``manager.user`` and ``manager.group`` may not change at all:
+    no rule can tell a safer user from a worse one (root)."""
+    if key == "app.clear_env":
+        return "turns off" if in_file and not value else ""
+    if key == "listen.allowed_clients":
+        if not in_file:
+            return ""  # the file lets every client in: nothing to widen
+        if not value:
+            return "empties"
+        added = [v for v in value if v not in in_file]
+        return f"widens (adds {', '.join(added)})" if added else ""
+    return "changes" if value != in_file else ""
+
+
+def _refuse_weakening(source: str, in_file: Dict[str, Any], values: Dict[str, Dict[str, Any]],
+                      origins: Dict[str, str]) -> None:
+    if _ENV_MAY_WEAKEN[0]:
+        return
+    for key, old in in_file.items():
+        origin = origins.get(key, "")
+        if not origin.startswith(ENV_PREFIX):
+            continue  # still the file's value, or a flag's
+        section, _, name = key.partition(".")
+        new = values[section][name]
+        how = _weakening(key, old, new)
+        if how:
+            raise ConfigError(
+                f"environment variable {origin} {how} [{section}] {name}, a security key "
+                f"that {source or 'the config'} sets ({_shown(old)} -> {_shown(new)})",
+                "unset the variable or change the file; or, if this is meant, pass "
+                "--allow-env-override")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(f'"{v}"' for v in value) + "]"
+    return f'"{value}"'
 
 
 def environment_overrides(environ: Optional[Mapping[str, str]] = None) -> List[Override]:
@@ -517,6 +595,8 @@ def build(data: Dict[str, Any], source: str = "", base: str = "",
                                   suggest_key(section, key))
             values[section][key] = _convert(section, key, item, source, base)
             origins[f"{section}.{key}"] = "file"
+    in_file = {k: values[k.split(".")[0]][k.split(".")[1]] for k in SECURITY_KEYS
+               if origins.get(k) == "file"}
     cwd = os.getcwd()
     for item in [*environment_overrides(environ), *flags]:
         value = _convert_override(item, cwd)
@@ -530,6 +610,7 @@ def build(data: Dict[str, Any], source: str = "", base: str = "",
         values["workers"]["count"] = _convert_override(
             Override("workers", "count", concurrency, "WEB_CONCURRENCY", text=True), cwd)
         origins["workers.count"] = "WEB_CONCURRENCY"
+    _refuse_weakening(source, in_file, values, origins)
     sections = {s: SECTIONS[s](**values[s]) for s in SECTIONS}
     cfg = Config(source=source, origins=tuple(sorted(origins.items())), **sections)
     cfg = _fill_defaults(cfg, base)
@@ -604,18 +685,21 @@ def read_toml(path: str) -> Dict[str, Any]:
         raise ConfigError(f"{path}: not valid UTF-8: {exc}") from None
 
 
-def load(path: str, flags: Optional[Sequence[Override]] = None) -> Config:
+def load(path: str, flags: Optional[Sequence[Override]] = None,
+         environ: Optional[Mapping[str, str]] = None) -> Config:
     """Read and validate a TOML config file, with the environment and ``flags`` over it.
 
     Without ``flags``, the flags this process was given for the same file apply (a
-    reload keeps ``run -c app.toml -w 8`` at 8 workers).
+    reload keeps ``run -c app.toml -w 8`` at 8 workers). ``environ`` defaults to
+    ``os.environ``; a master passes the :func:`settings_environment` it started with.
     """
     path = os.path.abspath(path)
     if flags is None:
         flags = _COMMAND_LINE.get(path, ())
     else:
         _COMMAND_LINE[path] = tuple(flags)
-    return build(read_toml(path), source=path, base=os.path.dirname(path), flags=flags)
+    return build(read_toml(path), source=path, base=os.path.dirname(path), flags=flags,
+                 environ=environ)
 
 
 def option_overrides(options: Mapping[str, Any], origin: str = "{section}.{key}"

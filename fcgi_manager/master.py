@@ -59,7 +59,7 @@ from .children import (
     fork_worker,
     start_zygote,
 )
-from .config import Config
+from .config import Config, settings_environment
 from .control_server import ControlConnection, ControlServer
 from .errors import FcgiManagerError
 from .handoff import HandoffChannel
@@ -153,6 +153,9 @@ class Master:
         self.retired_zygotes: Set[int] = set()  # killed or the previous image's: reaped quietly
         self.unclaimed: Dict[int, int] = {}  # pid -> status: children reaped before reported
         self.exec_env: Dict[str, str] = dict(os.environ)
+        # The settings' variables as the master found them: app.clear_env empties its
+        # environment, and every re-read of the config must see the same settings.
+        self.settings_env: Dict[str, str] = settings_environment()
         self.running = False
         self.next_tick = self.next_sample = 0.0
 
@@ -908,7 +911,7 @@ class Master:
         from . import config as config_mod
 
         if self.cfg.source:
-            return config_mod.load(self.cfg.source)
+            return config_mod.load(self.cfg.source, environ=self.settings_env)
         return self.cfg
 
     def _read_validation(self) -> None:

@@ -18,6 +18,7 @@ import pwd
 import shutil
 import stat
 import tempfile
+import textwrap
 import threading
 from pathlib import Path
 from typing import Callable, Iterator, List
@@ -26,12 +27,16 @@ import pytest
 from support import (
     Manager,
     ProcessTracker,
+    fcgi_manager,
     fcgi_request,
+    render_toml,
     wait_for,
 )
 
 from fcgi_manager import accesslog, watch
+from fcgi_manager import config as config_mod
 from fcgi_manager import status as status_mod
+from fcgi_manager.errors import ConfigError
 
 MakeManager = Callable[..., Manager]
 FORGED = "2026-01-01 00:00:00 [master 1] ERROR: forged"
@@ -268,3 +273,123 @@ def test_reopen_refuses_a_planted_log_and_keeps_the_old_file(shared_dir: Path,
     wait_for(lambda: "reopen-logs" in rotated.read_text(), 10, "the refusal in the old log")
     assert m.log.read_text() == "planted\n"
     m.stop()
+
+
+# -- row 11: the environment cannot weaken a security key the file sets --------------------
+
+FILE_KEYS = {"app": {"module": "hello:app", "clear_env": True},
+             "listen": {"allowed_clients": ["127.0.0.1", "10.0.0.1"]},
+             "manager": {"user": "nobody", "group": "nogroup"}}
+
+
+@pytest.mark.parametrize("name, value", [
+    ("FCGI_MANAGER_MANAGER_USER", '""'),
+    ("FCGI_MANAGER_MANAGER_USER", "root"),
+    ("FCGI_MANAGER_MANAGER_GROUP", ""),
+    ("FCGI_MANAGER_LISTEN_ALLOWED_CLIENTS", "[]"),
+    ("FCGI_MANAGER_LISTEN_ALLOWED_CLIENTS", '["127.0.0.1", "0.0.0.0/0"]'),
+    ("FCGI_MANAGER_APP_CLEAR_ENV", "false"),
+])
+def test_environment_weakening_a_security_key_is_a_config_error(name: str,
+                                                                 value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_mod.build(FILE_KEYS, source="/srv/app.toml", base="/srv",
+                         environ={name: value})
+    assert name in caught.value.message and "/srv/app.toml" in caught.value.message
+    assert "--allow-env-override" in caught.value.hint
+    config_mod.allow_env_override(True)
+    try:  # the operator says it is meant
+        config_mod.build(FILE_KEYS, source="/srv/app.toml", base="/srv",
+                         environ={name: value})
+    finally:
+        config_mod.allow_env_override(False)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("FCGI_MANAGER_MANAGER_USER", "nobody"),  # the file's own value
+    ("FCGI_MANAGER_LISTEN_ALLOWED_CLIENTS", '["10.0.0.1"]'),  # narrower
+    ("FCGI_MANAGER_APP_CLEAR_ENV", "true"),
+])
+def test_environment_may_keep_or_strengthen_a_security_key(name: str, value: str) -> None:
+    config_mod.build(FILE_KEYS, source="/srv/app.toml", base="/srv", environ={name: value})
+
+
+def test_environment_may_set_security_keys_the_file_leaves_out() -> None:
+    cfg = config_mod.build({"app": {"module": "hello:app"}}, source="/srv/app.toml",
+                           base="/srv", environ={"FCGI_MANAGER_MANAGER_USER": "nobody",
+                                                 "FCGI_MANAGER_APP_CLEAR_ENV": "false"})
+    assert cfg.manager.user == "nobody"
+
+
+def test_environment_weakening_is_refused_by_the_cli_unless_allowed(tmp_path: Path) -> None:
+    config = tmp_path / "app.toml"
+    config.write_text(render_toml(FILE_KEYS))
+    env = {"FCGI_MANAGER_MANAGER_USER": '""'}
+    out = fcgi_manager(["-c", str(config), "config"], env=env)
+    assert out.returncode == 1 and "FCGI_MANAGER_MANAGER_USER" in out.stderr, out
+    out = fcgi_manager(["-c", str(config), "config", "--allow-env-override"], env=env)
+    assert out.returncode == 0 and 'user = ""' in out.stdout, out
+
+
+# -- row 1: every re-read of the config sees the environment the master started with --------
+
+RECORDING_APP = textwrap.dedent('''
+    """Records the uid its import ran as: the start's, the reload's validation, the new
+    generation's."""
+    import os
+
+    RECORDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "records")
+    with open(os.path.join(RECORDS, f"{os.getpid()}-{os.getuid()}"), "w") as f:
+        f.write(str(os.getuid()))
+
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [str(os.getuid()).encode()]
+''')
+
+
+def _import_uids(d: Path) -> List[int]:
+    return [int(p.name.split("-")[1]) for p in (d / "records").iterdir()]
+
+
+@pytest.mark.parametrize("preload", [True, False], ids=["preload", "no-preload"])
+def test_reload_validation_keeps_the_user_given_by_the_environment(
+        shared_dir: Path, tracker: ProcessTracker, preload: bool) -> None:
+    """Row 1: ``manager.user`` only in the environment, ``app.clear_env = true``: the
+    master clears its own environment, and the reload's validation import must still run
+    as that user, never as root."""
+    (shared_dir / "records").mkdir(mode=0o1777)
+    (shared_dir / "records").chmod(0o1777)
+    (shared_dir / "recorder.py").write_text(RECORDING_APP)
+    config = shared_dir / "rec.toml"
+    config.write_text(render_toml({
+        "app": {"module": "recorder:app", "path": [str(shared_dir)], "clear_env": True,
+                "preload": preload},
+        "listen": {"bind": f"unix:{shared_dir / 'rec.sock'}"},
+        "workers": {"count": 1, "graceful_timeout": 5},
+        "manager": {"pidfile": str(shared_dir / "rec.pid"), "control": str(shared_dir / "rec.ctl"),
+                    "log": str(shared_dir / "rec.log")},
+    }))
+    nobody = _nobody().pw_uid
+    cli = ["-c", str(config)]
+    env = {"FCGI_MANAGER_MANAGER_USER": "nobody"}
+    out = fcgi_manager(cli + ["start"], env=env, tracker=tracker)
+    assert out.returncode == 0, out
+    try:
+        data = json.loads(fcgi_manager(cli + ["status", "--json"], env=env).stdout)
+        tracker.add_all([data["pid"]] + [w["pid"] for w in data["workers"]])
+        assert set(_import_uids(shared_dir)) == {nobody}
+        before = len(_import_uids(shared_dir))
+        out = fcgi_manager(cli + ["reload"], env=env, timeout=120)
+        assert out.returncode == 0, out
+        uids = _import_uids(shared_dir)
+        assert len(uids) > before and set(uids) == {nobody}, uids
+        data = json.loads(fcgi_manager(cli + ["status", "--json"], env=env).stdout)
+        tracker.add_all(w["pid"] for w in data["workers"])
+        assert data["generation"] == 2
+        reply = fcgi_request(f"unix:{shared_dir / 'rec.sock'}", "/")
+        assert reply.body == str(nobody).encode(), reply
+    finally:
+        out = fcgi_manager(cli + ["stop"], env=env, timeout=60)
+        assert out.returncode == 0, out
