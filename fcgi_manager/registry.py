@@ -25,10 +25,14 @@ The registry of a user (first that is usable):
 * others: ``/run/user/<uid>/fcgi-manager`` (the logind runtime directory), else
   ``/tmp/fcgi-manager-<uid>``.
 
-A directory that is not ours, or that others can write to, is not used (OpenSSH's
-StrictModes): a forged entry could send ``status`` to the wrong socket. Root also reads
-the other users' registries (it can reach every master), without cleaning them, and
-believes an entry there only if its master and its control socket belong to that user.
+A directory that is not ours, or that others can write to, is neither written nor read
+(OpenSSH's StrictModes): a forged entry could send ``status`` to the wrong socket, and
+another user can pre-create ``/tmp/fcgi-manager-<uid>``. An entry file is believed only
+if it is a plain file of the directory's owner that no one else can write. Root also
+reads the other users' registries (it can reach every master), without cleaning them,
+and believes an entry there only if its master and its control socket belong to that
+user. ``status --all`` lists those; a command aimed at one master (``-c FILE``,
+``--pidfile``) follows only the caller's own entries (:func:`find`).
 """
 
 from __future__ import annotations
@@ -61,14 +65,15 @@ class Entry:
     graceful_timeout: float
     shutdown_delay: float
     path: str  # the entry file itself
+    owner: int = -1  # who owns the entry file, as the kernel says (not what it claims)
 
     @classmethod
-    def from_json(cls, data: Dict[str, Any], path: str) -> Entry:
+    def from_json(cls, data: Dict[str, Any], path: str, owner: int = -1) -> Entry:
         return cls(int(data["pid"]), float(data.get("started", 0.0)), int(data.get("uid", -1)),
                    str(data.get("name", "")), str(data.get("config", "")),
                    str(data.get("pidfile", "")), str(data.get("control", "")),
                    str(data.get("bind", "")), float(data.get("graceful_timeout", 30.0)),
-                   float(data.get("shutdown_delay", 0.0)), path)
+                   float(data.get("shutdown_delay", 0.0)), path, owner)
 
     def alive(self) -> bool:
         """The same process still runs (not a zombie, not a reused pid)."""
@@ -168,7 +173,7 @@ def register(*, name: str, config: str, pidfile: str, control: str, bind: str,
 
 def unregister(path: str) -> None:
     """Remove our entry, if it is still ours (a reload keeps the pid and the entry)."""
-    entry = _read(path)
+    entry = _read(path, os.geteuid())
     if entry is not None and entry.pid == os.getpid():
         try:
             os.unlink(path)
@@ -176,23 +181,30 @@ def unregister(path: str) -> None:
             pass
 
 
-def _read(path: str) -> Optional[Entry]:
+def _read(path: str, owner: int) -> Optional[Entry]:
+    """The entry at ``path`` if it is a plain file of ``owner`` that nobody else can
+    write (checked on the open descriptor), else None."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         with os.fdopen(fd, encoding="utf-8") as f:
-            return Entry.from_json(json.load(f), path)
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != owner or st.st_mode & 0o022:
+                return None
+            return Entry.from_json(json.load(f), path, st.st_uid)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _directories() -> Iterator[Tuple[str, bool, Optional[int]]]:
-    """(directory, may_clean, owner) for every registry this user can read; ``owner`` is
-    set for another user's registry, whose entries must prove they are that user's."""
+def _directories() -> Iterator[Tuple[str, bool, int]]:
+    """(directory, may_clean, owner) for every registry this user can read: ours only if
+    it is safe (a squatted one is skipped), and, for root, the other users' safe ones,
+    whose entries must prove they are that user's."""
     uid = os.geteuid()
     seen = set()
     for path in candidates():
         seen.add(path)
-        yield path, not _safe_dir(path, uid), None
+        if not _safe_dir(path, uid):
+            yield path, True, uid
     if uid == 0 and not os.environ.get("FCGI_MANAGER_REGISTRY"):
         others = glob.glob("/run/user/*/fcgi-manager") + glob.glob(
             os.path.join(tempfile.gettempdir(), "fcgi-manager-*"))
@@ -207,10 +219,10 @@ def _directories() -> Iterator[Tuple[str, bool, Optional[int]]]:
                 yield path, False, st.st_uid
 
 
-def _vouched(entry: Entry, owner: Optional[int]) -> bool:
+def _vouched(entry: Entry, owner: int) -> bool:
     """An entry in another user's registry names that user's own master and socket (root
     must not be sent to a socket of the writer's choosing)."""
-    if owner is None:
+    if owner == os.geteuid():
         return True
     try:
         st = os.lstat(entry.control)
@@ -231,7 +243,7 @@ def entries(clean: bool = True) -> List[Entry]:
         for filename in names:
             if not filename.endswith(".json") or filename.startswith("."):
                 continue
-            entry = _read(os.path.join(directory, filename))
+            entry = _read(os.path.join(directory, filename), owner)
             if entry is None:
                 continue
             if entry.alive():
@@ -247,12 +259,16 @@ def entries(clean: bool = True) -> List[Entry]:
 
 
 def find_all(*, config: str = "", pidfile: str = "", pid: int = 0) -> List[Entry]:
-    """The live masters registered with this config file, pidfile or pid."""
-    return [e for e in entries() if (config and e.config == config)
-            or (pidfile and e.pidfile == pidfile) or (pid and e.pid == pid)]
+    """The live masters registered by this user with this config file, pidfile or pid:
+    a command aimed at one master never follows another user's entry."""
+    uid = os.geteuid()
+    return [e for e in entries() if e.owner == uid and e.uid == uid and (
+        (config and e.config == config) or (pidfile and e.pidfile == pidfile)
+        or (pid and e.pid == pid))]
 
 
 def find(*, config: str = "", pidfile: str = "", pid: int = 0) -> Optional[Entry]:
-    """The live master registered with this config file, pidfile or pid (the oldest)."""
+    """The live master this user registered with this config file, pidfile or pid (the
+    oldest)."""
     found = find_all(config=config, pidfile=pidfile, pid=pid)
     return found[0] if found else None

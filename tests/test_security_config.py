@@ -16,13 +16,17 @@ import json
 import os
 import pwd
 import shutil
+import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import textwrap
 import threading
 from pathlib import Path
 from typing import Callable, Iterator, List
 
+import psutil
 import pytest
 from support import (
     Manager,
@@ -393,3 +397,90 @@ def test_reload_validation_keeps_the_user_given_by_the_environment(
     finally:
         out = fcgi_manager(cli + ["stop"], env=env, timeout=60)
         assert out.returncode == 0, out
+
+
+# -- row 5: a squatted registry or a foreign entry never redirects a command ---------------
+
+class Squatter:
+    """Another user's control socket: counts the connections a command made to it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.connections = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.done.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def _decoy(tracker: ProcessTracker) -> int:
+    """A live process for the forged entry to name (any of the squatter's own)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    tracker.add(proc.pid)
+    return proc.pid
+
+
+@pytest.mark.parametrize("planted", ["squatted directory", "foreign entry"])
+def test_registry_of_another_user_is_not_followed(shared_dir: Path, tracker: ProcessTracker,
+                                                  make_manager: MakeManager,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  planted: str) -> None:
+    """Row 5: another user pre-created the registry directory (or planted an entry file
+    in ours): ``status --all`` does not list its entry, and ``status``/``stop`` by config
+    file or by pidfile talk to the real master, never to the squatter's socket."""
+    nobody = _nobody()
+    registry = shared_dir / "registry"
+    registry.mkdir()
+    if planted == "squatted directory":
+        os.chown(registry, nobody.pw_uid, nobody.pw_gid)
+        registry.chmod(0o755)
+    else:
+        registry.chmod(0o700)  # ours, and safe
+    monkeypatch.setenv("FCGI_MANAGER_REGISTRY", str(registry))
+    squatter = Squatter(shared_dir / "squatter.ctl")
+    try:
+        m = make_manager("hello:app", count=1, tmp=shared_dir / "victim")
+        shared_dir.joinpath("victim").chmod(0o700)
+        decoy = _decoy(tracker)
+        entry = registry / f"{decoy}.json"
+        entry.write_text(json.dumps({
+            "pid": decoy, "started": psutil.Process(decoy).create_time(),
+            "uid": os.geteuid(), "name": "app", "config": str(m.config),
+            "pidfile": str(m.pidfile), "control": str(squatter.path),
+            "bind": m.bind, "graceful_timeout": 1.0}))
+        os.chown(entry, nobody.pw_uid, nobody.pw_gid)
+        out = m.start(check=False)
+        assert out.returncode == 0, out
+        master = m.read_pidfile()
+        listed = json.loads(fcgi_manager(["status", "--all", "--json"]).stdout)
+        assert decoy not in {row["pid"] for row in listed}, listed
+        for how in (["-c", str(m.config)], ["--pidfile", str(m.pidfile)]):
+            out = fcgi_manager([how[0], how[1], "status", "--json"]
+                               if how[0] == "-c" else ["status", *how, "--json"])
+            assert out.returncode == 0, out
+            assert json.loads(out.stdout)["pid"] == master, out
+        m.stop()
+        assert squatter.connections == 0
+        assert not psutil.pid_exists(master) or psutil.Process(master).status() == \
+            psutil.STATUS_ZOMBIE
+    finally:
+        squatter.close()
