@@ -13,8 +13,9 @@ U+202E)::
     \\uHHHH \\UHHHHHHHH   any other code point that does not print (format characters,
                    separators, lone surrogates, unassigned)
 
-``quoted=True`` also escapes ``"`` and ``\\`` (as ``\\x22``, ``\\x5c``, nginx's way): for a
-field written between quotes, like the access log's request line.
+``quoted=True`` writes the access log's way, nginx's, for a field between quotes: CR, LF
+and tab as ``\\x0d``, ``\\x0a``, ``\\x09`` too (parsers of nginx's format decode
+``\\xHH``), and ``"`` and ``\\`` as ``\\x22`` and ``\\x5c``.
 
 It runs once or more per request (the access log), so text that is printable already --
 nearly every URI -- costs one ``str.isprintable()`` (a C loop) and comes back as is.
@@ -26,10 +27,9 @@ _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _QUOTED = {'"': "\\x22", "\\": "\\x5c"}
 
 
-def _code(ch: str) -> str:
-    named = _NAMED.get(ch)
-    if named is not None:
-        return named
+def _code(ch: str, named: bool = True) -> str:
+    if named and ch in _NAMED:
+        return _NAMED[ch]
     n = ord(ch)
     if n < 0x100:
         return f"\\x{n:02x}"
@@ -44,5 +44,6 @@ def escape(text: str, quoted: bool = False) -> str:
     if text.isprintable() and not (quoted and ('"' in text or "\\" in text)):
         return text
     if quoted:
-        return "".join(_QUOTED.get(c) or (c if c.isprintable() else _code(c)) for c in text)
+        return "".join(_QUOTED.get(c) or (c if c.isprintable() else _code(c, False))
+                       for c in text)
     return "".join(c if c.isprintable() else _code(c) for c in text)

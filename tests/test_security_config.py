@@ -93,7 +93,7 @@ def test_escape_shows_every_non_printing_code_point() -> None:
     shown = escape(raw)
     assert shown == "GET /a\\r\\nb\\x1b[2J\\x7f\\x9b\\u2028\\u202e\\x00\\t é"
     assert shown.isprintable()
-    assert escape('say "hi" \\', quoted=True) == "say \\x22hi\\x22 \\x5c"
+    assert escape('say "hi" \\\r\n', quoted=True) == "say \\x22hi\\x22 \\x5c\\x0d\\x0a"
     plain = "/hello?x=1"
     assert escape(plain) is plain and escape(plain, quoted=True) is plain  # the fast path
 
@@ -165,7 +165,8 @@ def test_access_log_escapes_del_and_c1(tmp_path: Path, json_lines: bool) -> None
     text = path.read_text(encoding="utf-8")
     assert len(text.splitlines()) == 1, text
     assert not _raw_controls(text), text
-    assert "\\x9b31m\\x7f\\r\\nb" in text.replace("\\\\", "\\"), text
+    shown = "\\x9b31m\\x7f" + ("\\r\\nb" if json_lines else "\\x0d\\x0ab")
+    assert shown in text.replace("\\\\", "\\"), text
     if json_lines:
         line = json.loads(text)
         assert line["uri"] == "/a\\x9b31m\\x7f\\r\\nb"
