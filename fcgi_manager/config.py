@@ -464,6 +464,12 @@ def allow_env_override(allowed: bool = True) -> None:
     _ENV_MAY_WEAKEN[0] = allowed
 
 
+def env_override_allowed() -> bool:
+    """Did the command line say ``--allow-env-override`` (passed on to the masters a pool
+    directory's parent starts)?"""
+    return _ENV_MAY_WEAKEN[0]
+
+
 def _weakening(key: str, in_file: Any, value: Any) -> str:
     """How ``value`` from the environment weakens the file's ``in_file`` ('' if not).
 

@@ -365,6 +365,7 @@ class PoolParent:
             env["NOTIFY_SOCKET"] = self.parent_notify
         argv = [sys.executable, "-m", "fcgi_manager", "-c", self.directory, "run",
                 "--pidfile", self.pidfile] + (["--watch", str(self.watch)] if self.watch else [])
+        argv += ["--allow-env-override"] if config_mod.env_override_allowed() else []
         self.say("SIGUSR2: re-executing the parent; the masters keep serving")
         for fd in fds:
             os.set_inheritable(fd, True)
@@ -538,6 +539,7 @@ class PoolParent:
         """fork + exec ``python -m fcgi_manager -c FILE start --foreground``."""
         argv = [sys.executable, "-m", "fcgi_manager", "-c", app.file.path, "start",
                 "--foreground"]
+        argv += ["--allow-env-override"] if config_mod.env_override_allowed() else []
         env = self._child_env()
         r, w = os.pipe()
         parent = os.getpid()
