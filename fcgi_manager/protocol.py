@@ -38,7 +38,7 @@ from typing import Dict, Iterable, List, Tuple, Union
 from .errors import ProtocolError
 
 VERSION = 1
-HEADER = struct.Struct("!BBHHBx")
+HEADER: struct.Struct = struct.Struct("!BBHHBx")
 HEADER_LEN = 8
 MAX_CONTENT = 0xFFFF
 
@@ -108,7 +108,7 @@ class Stdin:
 
     __slots__ = ("request_id", "data")
 
-    def __init__(self, request_id: int, data: bytes) -> None:
+    def __init__(self, request_id: int, data: Union[bytes, memoryview]) -> None:
         self.request_id = request_id
         self.data = data
 
@@ -286,7 +286,7 @@ def encode_stream(record_type: int, request_id: int, data: bytes) -> bytes:
             return b""
         return HEADER.pack(VERSION, record_type, request_id, n, 0) + data
     view = memoryview(data)
-    parts = []
+    parts: List[Union[bytes, memoryview]] = []
     for start in range(0, n, MAX_CONTENT):
         chunk = view[start : start + MAX_CONTENT]
         parts.append(HEADER.pack(VERSION, record_type, request_id, len(chunk), 0))

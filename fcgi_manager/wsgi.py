@@ -44,7 +44,7 @@ import re
 import sys
 import tempfile
 import traceback
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 from urllib.parse import unquote
 
 from . import protocol
@@ -215,7 +215,7 @@ class EnvironBuilder:
         script_name: Optional[str] = None,
         fix_root_url: bool = False,
     ) -> None:
-        self.template = {
+        self.template: Dict[str, Any] = {
             "wsgi.version": (1, 0),
             "wsgi.errors": errors,
             "wsgi.multithread": False,
@@ -722,7 +722,7 @@ class BodyBuffer:
     def __init__(self, limit: int, expected: int = 0, keep: int = -1,
                  max_body: int = 0) -> None:
         self.limit = limit
-        self._mem: Optional[List[bytes]] = []
+        self._mem: Optional[List[Union[bytes, memoryview]]] = []
         self._file: Any = None
         self.size = 0  # bytes received
         self._room = keep  # bytes still to store; -1 = all of them
@@ -748,7 +748,7 @@ class BodyBuffer:
             self._file.close()
             self._file = None
 
-    def append(self, data: bytes) -> None:
+    def append(self, data: Union[bytes, memoryview]) -> None:
         n = len(data)
         self.size += n
         room = self._room
