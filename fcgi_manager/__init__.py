@@ -5,7 +5,11 @@
 
 from __future__ import annotations
 
+from . import compiled as _compiled
 from .version import __version__
+
+# Before anything imports the request core: compiled, or pure when asked or not built.
+_compiled.install()
 
 __all__ = ["WSGIServer", "__version__"]
 

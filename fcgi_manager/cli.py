@@ -144,6 +144,23 @@ def _print_error(exc: FcgiManagerError) -> None:
     print(format_error(exc), file=sys.stderr)
 
 
+class VersionAction(argparse.Action):
+    """``--version``: the version and which request core runs, e.g. ``fcgi-manager 0.1.0
+    (compiled core)``; the core is looked up only when asked (it imports it)."""
+
+    def __init__(self, option_strings: List[str], dest: str = argparse.SUPPRESS,
+                 default: Any = argparse.SUPPRESS,
+                 help: str = "show the version and the request core, then exit") -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        from . import compiled
+
+        sys.stdout.write(f"fcgi-manager {__version__} ({compiled.describe()})\n")
+        parser.exit()
+
+
 def _subparser(sub: Any, name: str) -> argparse.ArgumentParser:
     import textwrap
 
@@ -156,8 +173,7 @@ def _subparser(sub: Any, name: str) -> argparse.ArgumentParser:
                    help="TOML config file (default: $FCGI_MANAGER_CONFIG)")
     p.add_argument("--allow-env-override", dest="allow_env_after", action="store_true",
                    help=ALLOW_ENV_HELP)
-    p.add_argument("--version", action="version", version=f"fcgi-manager {__version__}",
-                   help=argparse.SUPPRESS)
+    p.add_argument("--version", action=VersionAction, help=argparse.SUPPRESS)
     return p
 
 
@@ -182,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", default=os.environ.get("FCGI_MANAGER_CONFIG"),
                    help="TOML config file (default: $FCGI_MANAGER_CONFIG)")
     p.add_argument("--allow-env-override", action="store_true", help=ALLOW_ENV_HELP)
-    p.add_argument("--version", action="version", version=f"fcgi-manager {__version__}")
+    p.add_argument("--version", action=VersionAction)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     run = _subparser(sub, "run")

@@ -70,6 +70,10 @@ _BEGIN_BODY = struct.Struct("!HB5x")
 _END_BODY = struct.Struct("!IB3x")
 _LEN4 = struct.Struct("!I")
 
+# What the functions that take received or outgoing bytes accept. The annotations are
+# enforced where the core is compiled, so they say all that the pure code accepts.
+Buffer = Union[bytes, bytearray, memoryview]
+
 DEFAULT_MAX_PARAMS = 256 * 1024
 STDIN_VIEW_MIN = 4096  # STDIN records this large are handed out as views, not copies
 DEFAULT_MAX_BUFFER = 1024 * 1024
@@ -191,7 +195,7 @@ def _read_length(data: bytes, pos: int, end: int) -> Tuple[int, int]:
     return _LEN4.unpack_from(data, pos)[0] & 0x7FFFFFFF, pos + 4
 
 
-def decode_pairs(data: bytes, max_pairs: int = 10000) -> Dict[str, str]:
+def decode_pairs(received: Buffer, max_pairs: int = 10000) -> Dict[str, str]:
     """Decode a name-value pair stream into a dict (names and values latin-1 decoded).
 
     A length that runs past the end of ``data`` is a :class:`ProtocolError`, never an
@@ -201,6 +205,7 @@ def decode_pairs(data: bytes, max_pairs: int = 10000) -> Dict[str, str]:
     character, so offsets are unchanged) and names and values are string slices -- one
     ``decode`` per request instead of two per pair.
     """
+    data = received if isinstance(received, bytes) else bytes(received)
     text = data.decode("latin-1")
     pairs: Dict[str, str] = {}
     pos = 0
@@ -263,7 +268,7 @@ def _to_bytes(text: Union[str, bytes]) -> bytes:
 
 
 def encode_record(
-    record_type: int, request_id: int, content: bytes = b"", padding: int = 0
+    record_type: int, request_id: int, content: Buffer = b"", padding: int = 0
 ) -> bytes:
     """One record; ``content`` must fit in one record (see :func:`encode_stream`)."""
     if len(content) > MAX_CONTENT:
@@ -273,7 +278,7 @@ def encode_record(
     )
 
 
-def encode_stream(record_type: int, request_id: int, data: bytes) -> bytes:
+def encode_stream(record_type: int, request_id: int, data: Buffer) -> bytes:
     """Data for a stream (STDOUT, STDERR, STDIN, PARAMS), split at the record maximum.
 
     Empty ``data`` gives nothing: the empty record that ends a stream is sent on purpose
@@ -371,12 +376,17 @@ class ServerConnection:
         self._params_done = False
         self._stdin_done = False
 
-    def feed(self, data: bytes) -> List[Event]:
-        """Parse ``data`` (plus what was left over) into events; raise ProtocolError on abuse."""
+    def feed(self, received: Buffer) -> List[Event]:
+        """Parse ``received`` (plus what was left over) into events; raise ProtocolError on
+        abuse."""
         buf = self._buf
         if buf:
-            buf += data
+            buf += received
             data = bytes(buf)
+        elif isinstance(received, bytes):
+            data = received
+        else:
+            data = bytes(received)
         events: List[Event] = []
         pos = 0
         end = len(data)
@@ -492,7 +502,7 @@ class ClientConnection:
         self.response = ClientResponse()
         self.management: List[Tuple[int, bytes]] = []
 
-    def feed(self, data: bytes) -> ClientResponse:
+    def feed(self, data: Buffer) -> ClientResponse:
         self._buf += data
         buf = self._buf
         pos = 0
@@ -529,7 +539,7 @@ class ClientConnection:
 
 def encode_request(
     params: Dict[str, str],
-    body: bytes = b"",
+    body: Buffer = b"",
     request_id: int = 1,
     keep_conn: bool = False,
 ) -> bytes:

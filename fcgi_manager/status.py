@@ -13,6 +13,7 @@ import time
 from typing import Any, Dict, List, Optional
 from urllib.parse import parse_qs
 
+from . import compiled
 from .escaping import escape
 from .logs import shown_uri
 from .privileges import ROOT_WARNING, workers_user
@@ -85,6 +86,7 @@ def snapshot(cfg: Any, board: Scoreboard) -> Dict[str, Any]:
     return {
         "pid": int(head["master_pid"]),
         "version": __version__,
+        "core": compiled.core(),  # "compiled" or "pure": which request core the workers run
         "started_at": round(started_at, 3),
         "uptime_s": round(max(0.0, now - started_at), 1),
         "config": cfg.source or None,
@@ -174,7 +176,7 @@ def render_text(data: Dict[str, Any]) -> str:
     queue = "-" if li["queue"] is None else str(li["queue"])
     max_queue = "-" if li["max_queue"] is None else str(li["max_queue"])
     lines = [
-        f"fcgi-manager {data['version']}  master pid {data['pid']}  up "
+        f"fcgi-manager {data['version']}{_core_note(data)}  master pid {data['pid']}  up "
         f"{human_duration(data['uptime_s'])}  generation {data['generation']}",
         f"app      {data['app']}" + (f"  ({data['config']})" if data.get("config") else "")
         + (f"  as {data['workers_user']}" if data.get("workers_user") else ""),
@@ -215,6 +217,14 @@ def render_text(data: Dict[str, Any]) -> str:
                  for i in range(len(widths))]
         lines.append("  ".join(cells + [r[-1]]).rstrip())
     return "\n".join(lines) + "\n"
+
+
+def _core_note(data: Dict[str, Any]) -> str:
+    """" (compiled core)" or " (pure Python)"; nothing from a master that does not say."""
+    core = data.get("core")
+    if core is None:
+        return ""
+    return f" ({compiled.describe(core)})"
 
 
 def _more_in_flight(worker: Dict[str, Any]) -> str:

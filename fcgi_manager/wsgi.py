@@ -44,7 +44,19 @@ import re
 import sys
 import tempfile
 import traceback
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Dict,
+    Iterable,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+)
 from urllib.parse import unquote
 
 from . import protocol
@@ -103,7 +115,7 @@ class ErrorStream:
 
     __slots__ = ("_log", "_partial", "_stderr", "_stderr_left")
 
-    STDERR_CAP = 8 * 1024
+    STDERR_CAP: ClassVar[int] = 8 * 1024
 
     def __init__(self, log: Callable[[str], None]) -> None:
         self._log = log
@@ -117,7 +129,7 @@ class ErrorStream:
             self._stderr = []
             self._stderr_left = self.STDERR_CAP
 
-    def write(self, text: str) -> int:
+    def write(self, text: object) -> int:
         if not isinstance(text, str):
             raise TypeError(f"wsgi.errors.write() takes str, not {type(text).__name__}")
         data = self._partial + text
@@ -404,7 +416,7 @@ def _good_name(name: Any) -> bool:
     return True
 
 
-def response_head(status: str, headers: List[Tuple[str, str]]) -> bytes:
+def response_head(status: Any, headers: Any) -> bytes:
     """The CGI response head for ``status`` and ``headers``; ValueError or TypeError
     saying what is wrong when they would not make a valid one.
 
@@ -443,7 +455,7 @@ class Response:
     def __init__(self, send: Callable[[bytes], None], request_id: int,
                  check_abort: Optional[Callable[[], bool]] = None) -> None:
         self.status: Optional[str] = None
-        self.headers: List[Tuple[str, str]] = []
+        self.headers: Sequence[Tuple[str, str]] = []
         self.head = b""
         self.headers_sent = False
         self.pending: List[bytes] = []
@@ -454,7 +466,8 @@ class Response:
         self.sent = False
         self.unchecked = 0
 
-    def start_response(self, status: str, headers: List[Tuple[str, str]], exc_info: Any = None):
+    def start_response(self, status: Any, headers: Any,
+                       exc_info: Any = None) -> Callable[[Any], None]:
         if exc_info is not None:
             try:
                 if self.headers_sent:
@@ -468,7 +481,7 @@ class Response:
         self.headers = headers
         return self.write
 
-    def add(self, data: bytes) -> None:
+    def add(self, data: Any) -> None:
         """Queue a block of body; the headers go with the first non-empty one."""
         if type(data) is not bytes:
             if isinstance(data, (bytearray, memoryview)):
@@ -497,7 +510,7 @@ class Response:
             self.pending.append(protocol.encode_stream(_STDOUT, self.request_id, data))
         self.pending_len += n
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Any) -> None:
         """The legacy ``write()`` callable: the bytes are sent before it returns."""
         self.add(data)
         if self.pending:
@@ -606,7 +619,7 @@ def _send_body(resp: Response, result: Any) -> None:
         resp.flush()
 
 
-def declared_length(headers: List[Tuple[str, str]]) -> int:
+def declared_length(headers: Sequence[Tuple[str, str]]) -> int:
     """The Content-Length the app declared, or -1."""
     for name, value in headers:
         if len(name) == 14 and name.lower() == "content-length":

@@ -807,3 +807,13 @@ __all__ = [
     "PROGRAMS", "ended_early", "find_program", "http_request", "in_ci", "pid_alive",
     "read_fcgi_records", "render_toml", "require_program", "wait_for",
 ]
+
+
+def describe_event(event: object) -> tuple:
+    """A protocol event as a comparable tuple: class name, then every attribute value in
+    the order the class declares them: its ``__slots__`` in the pure core; the compiled
+    core's native classes keep no ``__slots__`` and list their attributes in
+    ``__mypyc_attrs__``."""
+    cls = type(event)
+    names = getattr(cls, "__slots__", None) or cls.__mypyc_attrs__
+    return (cls.__name__,) + tuple(getattr(event, name) for name in names)

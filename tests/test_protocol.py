@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from support import describe_event
 
 from fcgi_manager import protocol as p
 from fcgi_manager.errors import ProtocolError
@@ -31,9 +32,7 @@ def begin(rid: int = 1, keep_conn: bool = False, role: int = 1) -> bytes:
     return rec(1, rid, struct.pack("!HB5x", role, 1 if keep_conn else 0))
 
 
-def describe(event: object) -> tuple:
-    """An event as a comparable tuple: class name plus every slot value."""
-    return (type(event).__name__,) + tuple(getattr(event, s) for s in type(event).__slots__)
+describe = describe_event
 
 
 def feed_all(data: bytes, conn: p.ServerConnection | None = None) -> list[tuple]:

@@ -6,6 +6,7 @@ import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import describe_event
 
 from fcgi_manager import protocol as p
 from fcgi_manager.errors import ProtocolError
@@ -41,8 +42,7 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
 cuts = st.lists(st.integers(min_value=0, max_value=1 << 20), max_size=30)
 
 
-def describe(event: object) -> tuple:
-    return (type(event).__name__,) + tuple(getattr(event, s) for s in type(event).__slots__)
+describe = describe_event
 
 
 # --- name-value pairs ----------------------------------------------------------------------

@@ -32,6 +32,7 @@ from fcgi_manager import protocol as p  # noqa: E402
 from fcgi_manager.errors import ProtocolError  # noqa: E402
 from tests.fuzz import driver  # noqa: E402
 from tests.fuzz.driver import CheckFailed, FuzzResult  # noqa: E402,F401
+from tests.support import describe_event  # noqa: E402
 
 CRASH_DIR = ROOT / "tests" / "fixtures" / "fcgi_crashes"
 
@@ -258,8 +259,7 @@ def chunking(data: bytes, rng: random.Random) -> List[bytes]:
 # --- targets -------------------------------------------------------------------------------
 
 
-def _describe(event: object) -> tuple:
-    return (type(event).__name__,) + tuple(getattr(event, s) for s in type(event).__slots__)
+_describe = describe_event
 
 
 def _run_server(chunks: List[bytes], reuse: bool = False, **limits) -> Optional[List[tuple]]:
