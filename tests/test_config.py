@@ -134,10 +134,13 @@ def test_status_on_a_bad_config_is_lsb_unknown(tmp_path: Path) -> None:
 
 
 def test_version_and_help() -> None:
-    from fcgi_manager import __version__
+    from fcgi_manager import __version__, compiled
 
     version = fcgi_manager(["--version"])
-    assert version.returncode == 0 and __version__ in version.stdout
+    assert version.returncode == 0
+    assert version.stdout == f"fcgi-manager {__version__} ({compiled.describe()})\n"
+    pure = fcgi_manager(["--version"], env={"FCGI_MANAGER_PURE": "1"})
+    assert pure.stdout == f"fcgi-manager {__version__} (pure Python)\n"
     helped = fcgi_manager(["--help"])
     assert helped.returncode == 0
     for command in ("run", "start", "stop", "reload", "status", "scale", "reopen-logs",

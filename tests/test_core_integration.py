@@ -88,6 +88,10 @@ def check_status_shape(data: Dict[str, Any], m: Manager, workers: int) -> None:
     from fcgi_manager import __version__
 
     assert data["version"] == __version__
+    from fcgi_manager import compiled
+
+    # The master's environment is the test's: the same core, by the same rule.
+    assert data["core"] == compiled.core()
     assert data["config"] == str(m.config)
     assert data["app"] == m.sections["app"]["module"]
     assert data["generation"] == 1
@@ -122,6 +126,12 @@ def run_cgi_fcgi(sock: Path, env: Dict[str, str], body: bytes = b"") -> bytes:
     return proc.stdout
 
 
+def compiled_words() -> str:
+    from fcgi_manager import compiled
+
+    return compiled.describe()
+
+
 def cgi_body(out: bytes) -> bytes:
     head, sep, body = out.partition(b"\r\n\r\n")
     assert sep, out
@@ -137,6 +147,8 @@ def test_life_cycle_through_nginx_and_cgi_fcgi(make_manager: MakeManager,
     assert "started" in started.stdout
     data = m.status()
     check_status_shape(data, m, workers=2)
+    human = m.cli("status").stdout
+    assert f"({compiled_words()})" in human.splitlines()[0], human
     master = data["pid"]
     seen = {master, *m.worker_pids(data)}
 
