@@ -27,7 +27,7 @@ PURE = compiled.load_pure()
 pp = PURE["protocol"]
 pw = PURE["wsgi"]
 
-SETTINGS = settings(max_examples=150, deadline=None,
+SETTINGS = settings(max_examples=100, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 LATIN1 = st.characters(min_codepoint=0, max_codepoint=255)
