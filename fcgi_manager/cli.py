@@ -145,7 +145,7 @@ def _print_error(exc: FcgiManagerError) -> None:
 
 
 class VersionAction(argparse.Action):
-    """``--version``: the version and which request core runs, e.g. ``fcgi-manager 0.1.0
+    """``--version``: the version and which request core runs, e.g. ``fcgi-manager 0.3.0
     (compiled core)``; the core is looked up only when asked (it imports it)."""
 
     def __init__(self, option_strings: List[str], dest: str = argparse.SUPPRESS,

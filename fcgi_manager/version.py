@@ -4,4 +4,4 @@ Modules the package root imports (``cli``, ``status``, ``master``) read it from 
 none of them imports the package root while it is still being initialised.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
