@@ -63,7 +63,8 @@ def test_log_on_a_full_disk(make_manager: Any) -> None:
         figure("log on /dev/full: good client", good.summary()),
         figure("log on /dev/full: master exit status", code),
     ])
-    assert len(reports) == 1 and "log write failing: ENOSPC on /dev/full" in reports[0], (text, stderr)
+    assert len(reports) == 1, (text, stderr)
+    assert "log write failing: ENOSPC on /dev/full" in reports[0], (text, stderr)
     assert not good.failures, text
     assert after["pid"] == before["pid"] == scaled["pid"], text
     assert after["totals"]["crashes"] == 0, text
