@@ -23,9 +23,19 @@ a connection), and the descriptor is a stream socket of the listener's family, a
 listener's address (``getsockname``), whose peer (``getpeername``: never the message's
 word) passes ``listen.allowed_clients``. Anything else is closed unread and logged.
 
-When a generation is told to stop (reload) its channel is shut: its workers then close
-their idle kept connections rather than queue them for nobody. When its last worker is
-gone the master drains what is left in the queue (closing it) and closes the pair.
+A reload's new workers also take from the old generation's channel (the master gives
+them its receive end only, never the send end), so the old workers, told to stop, hand
+their idle kept connections on instead of closing them while nginx may be writing the
+next request on one (nginx would log "Connection reset by peer" and fail it). The gate
+on that channel admits only the old generation's own workers: the kernel's credentials
+must name a pid the scoreboard lists in that generation -- or one it listed when the new
+worker started and that has exited since -- with the uid that generation's workers run
+as. A process the old app left behind is not in the scoreboard and is refused. An older
+generation that nobody takes from has its channel shut when it is told to stop: its
+workers close their idle kept connections rather than queue them for nobody. When a
+generation's last worker is gone the master shuts its channel, drains what is left in
+the queue (closing it; the channel the new workers take from gets a second first) and
+closes the pair.
 
 On a full stop nobody is left to take a connection: the master shuts the pair down first
 (:meth:`HandoffChannel.shut`), sends then fail with ``EPIPE``, and stopping workers fall
@@ -88,7 +98,7 @@ class Gate:
     is, and what it is. Set on the worker's channel by the process that forks it."""
 
     def __init__(self, board: Any, generation: int, uid: int, client_filter: Any,
-                 listener: Optional[socket.socket]) -> None:
+                 listener: Optional[socket.socket], ended: bool = False) -> None:
         self.board = board  # scoreboard.Scoreboard: (pid, generation) of every slot
         self.generation = generation
         self.uid = uid
@@ -96,6 +106,12 @@ class Gate:
         self.family = listener.family if listener is not None else None
         self.local = _local_name(listener) if listener is not None else None
         self.known: Dict[int, int] = {}  # sender pid -> its slot, checked again at each use
+        # A generation that has ended (a reload's old one, whose channel the new workers
+        # take from) gains no worker any more: its members are known now, and a sender
+        # that has exited since is admitted only if it was one of them.
+        self.members: Optional[frozenset] = (
+            frozenset(pid for pid, gen in map(board.ident, range(board.slots))
+                      if gen == generation and pid > 0) if ended else None)
 
     def sender_ok(self, pid: int, uid: int) -> bool:
         """The kernel's word on the sender: our uid, and a current worker of our
@@ -114,6 +130,8 @@ class Gate:
         # A worker killed right after it handed a connection on (its slot is its
         # replacement's now): the kernel says it had our uid, and it is gone. Any process
         # still alive that is not a worker -- one the app left behind -- is refused.
+        if self.members is not None and pid not in self.members:
+            return False
         return _gone(pid)
 
     def peer_of(self, fd: int) -> Optional[Any]:
@@ -166,6 +184,7 @@ class HandoffChannel:
         self.recv_sock = recv_sock
         self.closed = False
         self.gate: Optional[Gate] = None  # a worker's: who may send, what may arrive
+        self.uid = -1  # the master's note: the uid its generation's workers run as
 
     @classmethod
     def create(cls) -> HandoffChannel:

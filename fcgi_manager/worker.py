@@ -246,6 +246,7 @@ class Worker:
         status_page: Optional[Callable[[str], tuple]] = None,
         client_filter: Optional[ClientFilter] = None,
         handoff: Optional[HandoffChannel] = None,
+        previous: Optional[HandoffChannel] = None,
     ) -> None:
         self.app = app
         self.cfg = config
@@ -294,6 +295,9 @@ class Worker:
         self._stop_began = 0.0
         # Hand-off of idle connections to sibling workers (see handoff.py).
         self.handoff = handoff
+        # The channel of the generation a reload replaces: its workers hand their idle
+        # kept connections on to us there (taken from, never sent on).
+        self.previous = previous
         self._handoff_lock: Any = None  # with the watchdog, once a connection is parked
         self._app_calls = 0
         self._serving: Optional[Conn] = None
@@ -469,7 +473,9 @@ class Worker:
                     else:
                         self._readable(conn)
                 elif fd == self._handoff_fd:
-                    self._take_handed()
+                    self._take_handed(self.handoff)  # type: ignore[arg-type]
+                elif fd == self._previous_fd:
+                    self._take_handed(self.previous)  # type: ignore[arg-type]
                 elif fd == self.master_fd:
                     log.warning("the master process is gone: finishing and exiting")
                     ep.unregister(fd)
@@ -1042,12 +1048,19 @@ class Worker:
     def _handoff_fd(self) -> int:
         return self.handoff.recv_fd if self.handoff is not None else -1
 
+    @property
+    def _previous_fd(self) -> int:
+        return self.previous.recv_fd if self.previous is not None else -1
+
     def _start_handoff(self) -> None:
         """Watch the shared hand-off socket (wake-one); the watchdog thread starts with the
         first connection this worker parks (:meth:`_start_watchdog`)."""
         assert self.handoff is not None
         self.epoll.register(self.handoff.recv_fd,
                             _EPOLLIN | getattr(select, "EPOLLEXCLUSIVE", 0))
+        if self.previous is not None:
+            self.epoll.register(self.previous.recv_fd,
+                                _EPOLLIN | getattr(select, "EPOLLEXCLUSIVE", 0))
         self._placeholder = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
     def _start_watchdog(self) -> None:
@@ -1123,10 +1136,9 @@ class Worker:
             except OSError:
                 pass
 
-    def _take_handed(self) -> None:
-        """Take connections a sibling let go of; their next request may already be here."""
-        handoff = self.handoff
-        assert handoff is not None
+    def _take_handed(self, handoff: HandoffChannel) -> None:
+        """Take connections a sibling (or an old generation's worker) let go of; their
+        next request may already be here."""
         now = time.monotonic()
         for handed in handoff.take():
             conn = Conn(handed.fd, handed.peer, protocol.DEFAULT_MAX_PARAMS)
@@ -1139,13 +1151,20 @@ class Worker:
             self.conns[conn.fd] = conn
             self._park(conn)  # level-triggered: a waiting request shows at the next poll
         if handoff.closed:
-            self._stop_taking()
+            self._stop_taking(handoff)
 
-    def _stop_taking(self) -> None:
-        try:
-            self.epoll.unregister(self._handoff_fd)
-        except (OSError, ValueError):
-            pass
+    def _stop_taking(self, handoff: Optional[HandoffChannel] = None) -> None:
+        """Stop watching ``handoff`` (shut and empty), or both channels (stopping)."""
+        for channel in (self.handoff, self.previous):
+            if channel is None or (handoff is not None and channel is not handoff):
+                continue
+            try:
+                self.epoll.unregister(channel.recv_fd)
+            except (OSError, ValueError):
+                pass
+            if channel is self.previous:  # the old generation is gone: let go of it
+                channel.close()
+                self.previous = None
 
     def _hands_on(self) -> bool:
         """Once stopping: hand idle connections on (recycle, scale-down, reload), or keep
