@@ -252,9 +252,10 @@ class ConnTable:
             pass
 
     def close_idle_kept(self, now: float) -> None:
-        """Stopping: close the kept connections idle for ``STOP_IDLE_GRACE``."""
+        """Stopping: close the kept connections idle for ``STOP_IDLE_GRACE`` (watched ones:
+        one left unwatched has a request waiting for a thread)."""
         for conn in list(self.conns.values()):
-            if conn.last_used and not conn.mid_request() and \
+            if conn.last_used and conn.registered and not conn.mid_request() and \
                     now - max(conn.last_used, self.stop_began) >= STOP_IDLE_GRACE:
                 self.close(conn)
 
@@ -319,6 +320,10 @@ class ConnTable:
     def unwatch(self, conn: Conn) -> None:
         """Take ``conn`` out of the table and the epoll set (another thread serves it)."""
         self.conns.pop(conn.fd, None)
+        self.unregister(conn)
+
+    def unregister(self, conn: Conn) -> None:
+        """Stop watching ``conn`` (it stays in the table: its bytes wait in the kernel)."""
         if conn.registered:
             try:
                 self.epoll.unregister(conn.fd)

@@ -267,7 +267,7 @@ class Master:
         if state.handoff_fds:  # the old generation's: it is shut and closed when it ends
             old = HandoffChannel.from_fds(state.handoff_fds)
             old.uid = state.handoff_uid
-            if self.cfg.workers.threads > 1 or old.uid < 0:
+            if old.uid < 0:
                 old.shut()  # the new workers take nothing: the old ones close theirs
             self.channels[state.generation] = old
         self.board = Scoreboard(MAX_SLOTS, fd=state.board_fd)
@@ -557,11 +557,8 @@ class Master:
                            previous=previous[1] if previous else None,
                            previous_generation=previous[0] if previous else 0)
 
-    def _channel(self, generation: int) -> Optional[HandoffChannel]:
-        """The hand-off channel of ``generation``, made before its first worker forks (None
-        for threaded workers, whose loop takes no connection from it)."""
-        if self.cfg.workers.threads > 1:
-            return None
+    def _channel(self, generation: int) -> HandoffChannel:
+        """The hand-off channel of ``generation``, made before its first worker forks."""
         channel = self.channels.get(generation)
         if channel is None:
             channel = self.channels[generation] = HandoffChannel.create()
@@ -578,8 +575,6 @@ class Master:
         ``generation``'s workers take from it too (its receive end only), so that the
         old workers hand their idle kept connections on instead of closing them under
         nginx. Its gate admits only the old generation's own workers."""
-        if self.cfg.workers.threads > 1:
-            return None
         alive = {w.generation for w in self.sup.workers.values()}
         older = [g for g in self.channels if g < generation and g in alive
                  and not self.channels[g].closed and self.channels[g].uid >= 0]

@@ -22,12 +22,14 @@ hand-off client (:mod:`.handoff`) and the process's life (:mod:`.lifecycle`).
 * **No free thread, no accepting.** The listening socket and the hand-off channels leave
   the epoll set when every thread is busy, so a new connection goes to a sibling worker
   instead of waiting behind busy threads; they come back when a thread frees up.
-* **Hand-off behind slow requests.** When a request arrives on an idle kept connection
-  while no thread is free and the youngest running request is older than
-  ``HANDOFF_AFTER``, the connection -- its request still unread in the kernel -- is
-  handed to a sibling instead of waiting here (nginx keeps sending on the connections it
-  used last). Stopping workers (recycle, scale-down, reload) hand their idle kept
-  connections on, as one-thread workers do.
+* **Hand-off behind slow requests.** A request that arrives on a connection while no
+  thread is free is not read: the connection leaves the epoll set and waits (*held*)
+  with its request in the kernel, where it can still move. Held connections get the
+  next free threads; if every thread is held by a request older than ``HANDOFF_AFTER``
+  they are handed to a sibling instead (nginx keeps sending on the connections it used
+  last, so a worker busy with slow requests would otherwise keep fast ones waiting).
+  Stopping workers (recycle, scale-down, reload) hand their idle kept connections on, as
+  one-thread workers do.
 * **Status without locks.** Each app thread writes its own scoreboard entry
   (:class:`.scoreboard.ThreadSlotWriter`); the main thread writes only the slot's state.
 * **Stopping and recycling** stop accepting, then wait for every request in flight (and
@@ -111,6 +113,7 @@ class ThreadedWorker:
         self.idle_lanes: List[Lane] = list(self.lanes)
         self.done: Deque[Tuple[Conn, Lane, Result]] = collections.deque()
         self.waiting: Deque[Conn] = collections.deque()  # complete, no thread free yet
+        self.held: Deque[Conn] = collections.deque()  # a request unread, no thread free yet
         self.running: Dict[int, Conn] = {}  # fd -> connection handed to an app thread
         self.begun: Dict[int, float] = {}  # fd -> when its request went to a thread
         self._done_r, self._done_w = os.pipe()
@@ -188,9 +191,11 @@ class ThreadedWorker:
                     self._log_left_running()
                     return
             # Idle, it still wakes up: for the heartbeat, and for lines app threads left
-            # in the access log.
+            # in the access log; holding connections, soon enough to hand them on.
             timeout = (0.1 if life.stopping else 1.0) if (
                 conns or life.stopping or table.resume_accept_at) else life.heartbeat_every
+            if self.held and client is not None:
+                timeout = min(timeout, HANDOFF_AFTER)
             if table.resume_accept_at:
                 timeout = table.backoff_timeout(timeout)
             try:
@@ -210,7 +215,11 @@ class ThreadedWorker:
                 if conn is not None:
                     if ev & EPOLLHUP and conn.last_used and not conn.mid_request():
                         table.close(conn)  # nginx closed a kept connection (see worker.py)
-                    elif not self._hand_on_behind_slow(conn):
+                    elif self.free <= len(self.waiting) and not conn.mid_request() \
+                            and not conn.pending:
+                        table.unregister(conn)  # no thread free: hold it, unread
+                        self.held.append(conn)
+                    else:
                         self._readable(conn)
                 elif fd == done_r:
                     self._collect()
@@ -230,6 +239,8 @@ class ThreadedWorker:
                 if now >= table.next_sweep:
                     self.slot.beat(now)
                     table.sweep(now)
+            if self.held:
+                self._hand_on_held()
             self._pace()
 
     def _stop_limit(self) -> float:
@@ -275,17 +286,23 @@ class ThreadedWorker:
 
     # -- handing requests to threads and taking them back ---------------------------------
 
-    def _hand_on_behind_slow(self, conn: Conn) -> bool:
-        """A request arrived on an idle kept connection, and every thread is held by a
-        request older than ``HANDOFF_AFTER``: hand the connection (its request unread) to
-        a sibling rather than make it wait here. True if it left."""
-        if self.free > len(self.waiting) or self.client is None or self.life.stopping \
-                or not conn.last_used or conn.pending or conn.mid_request():
-            return False
+    def _hand_on_held(self) -> None:
+        """Every thread is held by a request older than ``HANDOFF_AFTER``: hand the held
+        connections (their requests unread) to siblings rather than make them wait here."""
+        held = self.held
+        conns = self.table.conns
+        while held and conns.get(held[0].fd) is not held[0]:
+            held.popleft()  # closed meanwhile (a cap, a deadline) or handed on at a stop
+        client = self.client
         begun = self.begun
-        if not begun or time.monotonic() - max(begun.values()) < HANDOFF_AFTER:
-            return False
-        return self.client.offer(conn) == SENT
+        if not held or client is None or self.life.stopping or not begun \
+                or time.monotonic() - max(begun.values()) < HANDOFF_AFTER:
+            return
+        while held:
+            conn = held[0]
+            if conns.get(conn.fd) is conn and client.offer(conn) != SENT:
+                return  # the queue is full: they wait here for a thread
+            held.popleft()
 
     def _readable(self, conn: Conn) -> None:
         events = self.table.read(conn)
@@ -358,6 +375,12 @@ class ThreadedWorker:
                     continue
             self._backlog_turn = True
             self._start(waiting.popleft())
+        held = self.held
+        conns = table.conns
+        while self.free > len(self.waiting) and held:
+            conn = held.popleft()
+            if conns.get(conn.fd) is conn:
+                self._readable(conn)  # its request goes to the free thread
         if self.free > 0 and paused:
             # The listening socket was left out while every thread was busy, so a
             # connection is likely waiting: take it now rather than after one more
