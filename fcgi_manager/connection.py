@@ -60,9 +60,12 @@ class Conn:
     def _set_send_timeout(self) -> None:
         """SO_SNDTIMEO on this connection (unix sockets do not inherit the listener's)."""
         self.timed = True
+        timeout = self.lazy_sndtimeo
+        if timeout is None:  # a TCP connection: inherited from the listener
+            return
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=self.fd)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self.lazy_sndtimeo)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
         except OSError:
             pass
         finally:

@@ -60,7 +60,7 @@ import socket
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from .connection import IDLE_CONN_TIMEOUT, Conn
 from .protocol import DEFAULT_MAX_PARAMS
@@ -115,7 +115,7 @@ class Gate:
         # A generation that has ended (a reload's old one, whose channel the new workers
         # take from) gains no worker any more: its members are known now, and a sender
         # that has exited since is admitted only if it was one of them.
-        self.members: Optional[frozenset] = (
+        self.members: Optional[FrozenSet[int]] = (
             frozenset(pid for pid, gen in map(board.ident, range(board.slots))
                       if gen == generation and pid > 0) if ended else None)
 
