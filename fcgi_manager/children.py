@@ -109,6 +109,8 @@ class WorkerSetup:
     client_filter: Any = None  # sockets.ClientFilter, parsed once by the master
     handoff: Any = None  # handoff.HandoffChannel: idle kept connections, worker to worker
     generation: int = 0  # the generation forked with this setup (and its hand-off channel)
+    previous: Any = None  # the channel of the generation a reload replaces: taken from too
+    previous_generation: int = 0
 
 
 def fork_worker(setup: WorkerSetup, slot: int, max_requests: int,
@@ -176,6 +178,11 @@ def _worker_main(setup: WorkerSetup, slot: int, out_w: int, note_w: int, max_req
     if setup.handoff is not None:  # after the drop: our uid is the generation's
         setup.handoff.gate = Gate(board, setup.generation, os.getuid(), setup.client_filter,
                                   setup.listener)
+    previous = setup.previous
+    if previous is not None:  # taken from, never sent on: only its old workers may
+        previous.send_sock.close()
+        previous.gate = Gate(board, setup.previous_generation, previous.uid,
+                             setup.client_filter, setup.listener, ended=True)
 
     def status_page(query: str) -> tuple:
         return status_mod.render_page(status_mod.snapshot(cfg, board), query)
@@ -186,7 +193,7 @@ def _worker_main(setup: WorkerSetup, slot: int, out_w: int, note_w: int, max_req
                           slot=slot_writer, worker_id=worker_id,
                           master_fd=setup.death_r, notify_fd=note_w, max_requests=max_requests,
                           status_page=status_page, client_filter=setup.client_filter,
-                          handoff=setup.handoff)
+                          handoff=setup.handoff, previous=previous)
     return worker.run()
 
 
@@ -205,6 +212,8 @@ def start_zygote(setup: WorkerSetup, master: MasterFds, timeout: float) -> Zygot
         leave_master(master)
         limits.apply(setup.cfg.manager)  # the workers it forks inherit them
         setup.user.drop()
+        if setup.previous is not None:  # its workers only take from the old channel
+            setup.previous.send_sock.close()
 
     def load() -> None:
         setup.app = load_app(setup.cfg.app.module)  # in the zygote, for the workers it forks

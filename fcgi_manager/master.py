@@ -31,7 +31,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import psutil
 
@@ -77,6 +77,7 @@ TICK = 0.25
 SAMPLE_EVERY = 2.0  # memory and CPU of every worker (and at each status request)
 MAX_LINE = 16384  # a worker's output line longer than this is logged in pieces
 UNCLAIMED_MAX = 64  # exits of unknown children remembered for a zygote report still due
+CHANNEL_DRAIN_AFTER = 1.0  # seconds the new workers have to take the old generation's last
 SIGNAL_COMMANDS = {
     signal.SIGTERM: ("stop", {}), signal.SIGQUIT: ("stop", {}),
     signal.SIGINT: ("stop", {"now": True}), signal.SIGHUP: ("reload", {}),
@@ -132,6 +133,8 @@ class Master:
         self.listener_watched = False
         # Idle kept connections, worker to worker: one channel per generation (handoff.py).
         self.channels: Dict[int, HandoffChannel] = {}
+        self.taken_generation = 0  # the older generation whose channel new workers take from
+        self.retire_at = 0.0  # when that channel, shut, is drained and closed
         self.sock_inode = 0
         self.control: Optional[ControlServer] = None
         self.status_listener: Any = None  # status_listen.StatusListener, for status.listen
@@ -263,7 +266,8 @@ class Master:
         self.sock_inode = state.sock_inode
         if state.handoff_fds:  # the old generation's: it is shut and closed when it ends
             old = HandoffChannel.from_fds(state.handoff_fds)
-            if self.cfg.workers.threads > 1:
+            old.uid = state.handoff_uid
+            if old.uid < 0:
                 old.shut()  # the new workers take nothing: the old ones close theirs
             self.channels[state.generation] = old
         self.board = Scoreboard(MAX_SLOTS, fd=state.board_fd)
@@ -543,29 +547,62 @@ class Master:
         return MasterFds(self.selector, fds, self.log_handler)
 
     def _setup(self, generation: int) -> WorkerSetup:
+        previous = self._previous_channel(generation)
+        if previous is not None:
+            self.taken_generation = previous[0]
         return WorkerSetup(cfg=self.cfg, app=self.app, listener=self.listener,
                            board=self.board, death_r=self.death_r, user=self.user,
                            master_pid=os.getpid(), client_filter=self.client_filter,
-                           handoff=self._channel(generation), generation=generation)
+                           handoff=self._channel(generation), generation=generation,
+                           previous=previous[1] if previous else None,
+                           previous_generation=previous[0] if previous else 0)
 
-    def _channel(self, generation: int) -> Optional[HandoffChannel]:
-        """The hand-off channel of ``generation``, made before its first worker forks (None
-        for threaded workers, whose loop takes no connection from it)."""
-        if self.cfg.workers.threads > 1:
-            return None
+    def _channel(self, generation: int) -> HandoffChannel:
+        """The hand-off channel of ``generation``, made before its first worker forks."""
         channel = self.channels.get(generation)
         if channel is None:
             channel = self.channels[generation] = HandoffChannel.create()
+            channel.uid = self._worker_uid()
         return channel
+
+    def _worker_uid(self) -> int:
+        """The uid the workers run as (the kernel's word on a hand-off's sender)."""
+        return self.user.uid if self.user.switching and self.user.uid is not None \
+            else os.geteuid()
+
+    def _previous_channel(self, generation: int) -> Optional[Tuple[int, HandoffChannel]]:
+        """The channel of the generation a reload replaces, while it has workers:
+        ``generation``'s workers take from it too (its receive end only), so that the
+        old workers hand their idle kept connections on instead of closing them under
+        nginx. Its gate admits only the old generation's own workers."""
+        alive = {w.generation for w in self.sup.workers.values()}
+        older = [g for g in self.channels if g < generation and g in alive
+                 and not self.channels[g].closed and self.channels[g].uid >= 0]
+        if not older:
+            return None
+        g = max(older)
+        return g, self.channels[g]
 
     def _retire_channels(self) -> None:
         """A generation's channel ends with its last worker: drain what is queued (nobody
-        would take it) and close it, so that nothing left behind can use it."""
+        would take it) and close it, so that nothing left behind can use it.
+
+        The channel the current generation's workers also take from (a reload's old one)
+        is shut at once -- nothing can be sent on it any more -- but drained a moment
+        later: what its last worker handed on just before it exited is taken first."""
         alive = {w.generation for w in self.sup.workers.values()}
         alive |= {gen for gen, _ in self.sup.pending.values()}
+        now = time.monotonic()
         for generation in [g for g in self.channels
                            if g != self.sup.generation and g not in alive]:
-            channel = self.channels.pop(generation)
+            channel = self.channels[generation]
+            if generation == self.taken_generation and channel.uid >= 0:
+                if not channel.closed:
+                    channel.shut()
+                    self.retire_at = now + CHANNEL_DRAIN_AFTER
+                if now < self.retire_at:
+                    continue
+            del self.channels[generation]
             channel.shut()
             dropped = channel.drain()
             if dropped:
@@ -579,6 +616,7 @@ class Master:
         a connection handed on there would wait for nobody; they close them instead."""
         w = self.sup.workers.get(pid)
         if w is not None and w.generation != self.sup.generation \
+                and w.generation != self.taken_generation \
                 and sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGKILL):
             channel = self.channels.get(w.generation)
             if channel is not None:
@@ -971,6 +1009,8 @@ class Master:
             zygote_pid=self.zygote.pid if self.zygote is not None else 0,
             handoff_fds=self.channels[self.sup.generation].fds()
             if self.sup.generation in self.channels else None,
+            handoff_uid=self.channels[self.sup.generation].uid
+            if self.sup.generation in self.channels else -1,
             waiter_fds=[c.sock.fileno() for c in self.sup.reload.waiters
                         if c.state == "waiting"], scale=self.sup.scale_state())
         self._write_header()

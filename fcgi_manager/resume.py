@@ -54,6 +54,7 @@ class ResumeState:
     scale: Dict[str, Any] = field(default_factory=dict)  # see Supervisor.scale_state
     zygote_pid: int = 0  # the old image's zygote: it exits when the image goes
     handoff_fds: Optional[List[int]] = None  # the kept-connection hand-off socketpair
+    handoff_uid: int = -1  # the uid of its generation's workers (-1: unknown, not taken from)
 
     def descriptors(self) -> List[int]:
         """Every descriptor the new image must inherit."""

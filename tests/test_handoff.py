@@ -280,3 +280,48 @@ def test_a_shut_channel_says_so_to_every_holder() -> None:
         os.close(w)
         handoff.close()
 
+
+
+class _Board:
+    """The two things a Gate reads of the scoreboard: its size and (pid, generation)."""
+
+    def __init__(self, idents: List[Tuple[int, int]]) -> None:
+        self.idents = idents
+        self.slots = len(idents)
+
+    def ident(self, slot: int) -> Tuple[int, int]:
+        return self.idents[slot]
+
+
+def test_the_gate_of_a_reloads_old_channel_admits_only_that_generations_workers() -> None:
+    """The new workers take from the old generation's channel: its own workers (listed
+    then, or listed when the new worker started and gone since) with its uid may send;
+    a live process that is not one, or one that is gone but was never listed, may not."""
+    from fcgi_manager.handoff import Gate
+
+    child = os.fork()
+    if child == 0:  # pragma: no cover - a process that exits at once
+        os._exit(0)
+    os.waitpid(child, 0)  # gone, and reaped
+    stranger = os.fork()
+    if stranger == 0:  # pragma: no cover - a live process nobody lists
+        time.sleep(30)
+        os._exit(0)
+    try:
+        uid = os.getuid()
+        board = _Board([(os.getpid(), 1), (child, 1), (stranger, 2)])
+        gate = Gate(board, 1, uid, None, None, ended=True)
+        assert gate.sender_ok(os.getpid(), uid)  # listed now
+        assert not gate.sender_ok(os.getpid(), uid + 1)  # not that generation's uid
+        assert not gate.sender_ok(stranger, uid)  # alive, not of generation 1
+        board.idents[1] = (0, 0)  # the master reaped it and freed its slot
+        assert gate.sender_ok(child, uid)  # listed when the gate was made, and gone
+        board.idents[0] = (0, 0)
+        assert not gate.sender_ok(os.getpid(), uid)  # alive but no longer listed
+        unlisted = Gate(_Board([(0, 0)]), 1, uid, None, None, ended=True)
+        assert not unlisted.sender_ok(child, uid)  # gone, but never one of its workers
+        current = Gate(_Board([(0, 0)]), 1, uid, None, None)
+        assert current.sender_ok(child, uid)  # the live generation's gate: gone is enough
+    finally:
+        os.kill(stranger, signal.SIGKILL)
+        os.waitpid(stranger, 0)

@@ -121,6 +121,34 @@ def test_a_slow_request_does_not_hold_up_the_fast_ones(
     assert result.p99 < 0.050, result.describe()
 
 
+@pytest.mark.parametrize("threads, slow_clients", [(4, 1), (4, 4), (2, 2)])
+def test_threaded_workers_let_kept_connections_go_behind_slow_requests(
+        tmp_path: Path, make_manager: Callable[..., Any],
+        make_nginx: Callable[..., Any], threads: int, slow_clients: int) -> None:
+    """2 workers of 4 (or 2) threads; as many clients keep a 1-second request running;
+    8 send instant ones. When a worker has every thread held by a slow request, the fast
+    requests nginx sends on the kept connections it holds must move to the other."""
+    manager, nginx = _keep_conn_pool(make_manager, make_nginx, count=2, threads=threads)
+    slows = [SlowClient(nginx.port) for _ in range(slow_clients)]
+    for slow in slows:
+        slow.__enter__()
+    try:
+        wait_for(lambda: manager.status()["totals"]["busy_threads"] >= slow_clients, 10,
+                 "the slow requests to run")
+        result = run_wrk(tmp_path, nginx.port, "/", FAST_CLIENTS, 5, threads=1)
+    finally:
+        for slow in slows:
+            slow.__exit__()
+    label = f"threads = {threads}, {slow_clients} slow"
+    figure(f"{label}: slow requests completed", sum(s.done for s in slows))
+    figure(f"{label}: fast p50 / p99 / max",
+           f"{result.p50 * 1000:.2f} / {result.p99 * 1000:.2f} / {result.max * 1000:.1f}", "ms")
+    _assert_clean(label, result, nginx, manager)
+    for slow in slows:
+        assert slow.done >= 3 and not slow.failed, (slow.done, slow.failed)
+    assert result.p99 < 0.200, result.describe()
+
+
 def test_three_reloads_under_keep_conn_load(
         tmp_path: Path, make_manager: Callable[..., Any],
         make_nginx: Callable[..., Any]) -> None:
