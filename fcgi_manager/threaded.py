@@ -6,7 +6,7 @@ uWSGI's ``--threads`` run a pool of threads per process instead. This is the sam
 built so that the ``threads = 1`` loop in :mod:`.worker` stays untouched (no lock, no queue
 on its hot path): a threaded worker is a different loop, assembled from the same parts --
 the connection table (:mod:`.conntable`), the request core (:mod:`.responder`), the
-hand-off client (:mod:`.handoff`) and the process's life (:mod:`.lifecycle`).
+hand-off client (:mod:`.handoff`) and the process's life (:mod:`.worker_life`).
 
 * **The main thread owns the epoll**: the listening socket, every connection that is not
   running a request (new ones, idle kept ones, ones still sending their request), the
@@ -60,7 +60,7 @@ from .connection import IDLE_CONN_TIMEOUT, Conn
 from .conntable import EPOLLHUP, ConnTable
 from .escaping import escape
 from .handoff import HANDOFF_AFTER, SENT, HandoffChannel, HandoffClient
-from .lifecycle import EXIT_OK, WorkerLife, freeze_setup
+from .worker_life import EXIT_OK, WorkerLife, freeze_setup
 from .responder import Lane, Need, Responder, Result
 from .scoreboard import Scoreboard, SlotWriter, ThreadSlotWriter
 from .sockets import ClientFilter

@@ -19,7 +19,7 @@ is not running a request. The loop is assembled from parts the threaded loop
   this worker's request has run a few milliseconds (a watchdog thread does it while the
   app runs) and when it retires (recycle, scale-down, old generation of a reload); it
   takes theirs the same way, wake-one, like the listener.
-* :class:`~.lifecycle.WorkerLife` -- signals, notes to the master, heartbeat, recycling.
+* :class:`~.worker_life.WorkerLife` -- signals, notes to the master, heartbeat, recycling.
 
 This loop runs the app inline: what it keeps is the order of things around one poll.
 """
@@ -34,7 +34,7 @@ from . import notify
 from .connection import IDLE_CONN_TIMEOUT, Conn
 from .conntable import EPOLLHUP, ConnTable
 from .handoff import HandoffChannel, HandoffClient
-from .lifecycle import (  # noqa: F401 - the exit codes' and signal's historical home
+from .worker_life import (  # noqa: F401 - the exit codes' and signal's historical home
     EXIT_BOOT_ERROR,
     EXIT_OK,
     EXIT_RECYCLE_MEMORY,
