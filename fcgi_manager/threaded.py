@@ -60,12 +60,12 @@ from .connection import IDLE_CONN_TIMEOUT, Conn
 from .conntable import EPOLLHUP, ConnTable
 from .escaping import escape
 from .handoff import HANDOFF_AFTER, SENT, HandoffChannel, HandoffClient
-from .worker_life import EXIT_OK, WorkerLife, freeze_setup
 from .responder import Lane, Need, Responder, Result
 from .scoreboard import Scoreboard, SlotWriter, ThreadSlotWriter
 from .sockets import ClientFilter
 from .states import WorkerState
 from .worker import StatusPage, Worker, app_error_line
+from .worker_life import EXIT_OK, WorkerLife, freeze_setup
 from .wsgi import EnvironBuilder, ErrorStream
 
 log = logging.getLogger("fcgi_manager.worker")

@@ -34,6 +34,10 @@ from . import notify
 from .connection import IDLE_CONN_TIMEOUT, Conn
 from .conntable import EPOLLHUP, ConnTable
 from .handoff import HandoffChannel, HandoffClient
+from .responder import Lane, Need, Responder, Result
+from .scoreboard import SlotWriter
+from .sockets import ClientFilter
+from .states import WorkerState
 from .worker_life import (  # noqa: F401 - the exit codes' and signal's historical home
     EXIT_BOOT_ERROR,
     EXIT_OK,
@@ -44,10 +48,6 @@ from .worker_life import (  # noqa: F401 - the exit codes' and signal's historic
     current_rss,
     freeze_setup,
 )
-from .responder import Lane, Need, Responder, Result
-from .scoreboard import SlotWriter
-from .sockets import ClientFilter
-from .states import WorkerState
 from .wsgi import EnvironBuilder, ErrorStream
 
 log = logging.getLogger("fcgi_manager.worker")
