@@ -28,13 +28,13 @@ from typing import Any, Callable, Iterable, List, Optional, Tuple
 from . import fdutil, limits, logs, notify, outpipe, procctl, proctitle, sockets
 from . import status as status_mod
 from .appload import load_app, prepare_import, run_post_fork
+from .codes import EXIT_BOOT_ERROR
 from .config import Config
 from .errors import AppImportError, FcgiManagerError, format_error
 from .handoff import Gate
 from .privileges import apply_environment, resolve_user
 from .scoreboard import Scoreboard, SlotWriter
 from .threaded import build_worker
-from .worker import EXIT_BOOT_ERROR
 from .zygote import Zygote
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGHUP,

@@ -23,6 +23,7 @@ from . import appload, control, daemon, progress, registry, resume, run_flags, t
 from . import config as config_mod
 from . import status as status_mod
 from .errors import ControlError, FcgiManagerError, format_error
+from .lifecycle import check_not_running, log_path, serve
 from .sockets import parse_address
 from .version import __version__
 
@@ -336,131 +337,6 @@ def _load_with_flags(args: argparse.Namespace) -> config_mod.Config:
     return config_mod.build({}, flags=flags)
 
 
-def _log_path(cfg: config_mod.Config, background: bool) -> str:
-    if cfg.manager.log:
-        return cfg.manager.log
-    if background:
-        return os.path.splitext(cfg.manager.pidfile)[0] + ".log"
-    return "-"
-
-
-def _check_not_running(cfg: config_mod.Config) -> Optional[int]:
-    """The pid of a live master for this config, after clearing a stale pidfile."""
-    state = daemon.inspect_pidfile(cfg.manager.pidfile)
-    if state.live and state.pid != os.getpid():
-        return state.pid
-    daemon.remove_stale_pidfile(state)  # its master is gone (or the pid is another's now)
-    return None
-
-
-# -- serving ------------------------------------------------------------------------------
-
-def serve(cfg: config_mod.Config, app: Any = None, background: bool = False,
-          report_fd: int = -1) -> int:
-    """Run a master in this process until it stops (foreground, or as the daemon)."""
-    from . import logs
-    from .master import Master
-
-    resuming = resume.resuming()
-    if not resuming:
-        running = _check_not_running(cfg)
-        if running:
-            raise FcgiManagerError(f"already running (pid {running}, pidfile "
-                                   f"{cfg.manager.pidfile})", "stop it first, or use reload")
-    log_path = _log_path(cfg, background)
-    try:
-        if not resuming:
-            _check_directories(cfg, log_path)
-        os.umask(cfg.manager.umask)  # the log is created with it, like every file after it
-        handler = logs.setup_master(log_path, cfg.manager.log_level, cfg.manager.log_format)
-        os.environ.setdefault("FCGI_MANAGER_RESUME_CWD", os.getcwd())
-        if handler.open_error and not resuming:
-            raise FcgiManagerError(f"manager.log: {handler.open_error}",
-                                   "fix the path, or set manager.log to another file")
-        master = Master(cfg, app, handler)
-    except FcgiManagerError as exc:
-        if report_fd >= 0:
-            daemon.report(report_fd, False, format_error(exc))
-        raise
-    master.pidfile_fd = daemon.take_carried_pidfile_fd()
-    if report_fd >= 0:
-        master.child_close_fds.append(report_fd)
-    pidfile = cfg.manager.pidfile
-    try:
-        master.prepare()
-    except FcgiManagerError as exc:
-        if report_fd >= 0:
-            daemon.report(report_fd, False, format_error(exc))
-        master.abandon()
-        raise
-
-    def ready(ok: bool, text: str) -> None:
-        if ok:
-            try:
-                master.pidfile_fd = daemon.write_pidfile(pidfile, os.getpid())
-            except OSError as exc:
-                text = f"cannot write the pidfile {pidfile}: {exc.strerror}"
-                ok = False
-                master.stop(now=True)
-                master.exit_code = 1
-        if report_fd >= 0:
-            daemon.report(report_fd, ok, text)
-        if ok:
-            master_log_ready(master)
-        elif report_fd < 0:
-            print(text.rstrip() + "\nError: the app could not start", file=sys.stderr)
-
-    entry = _register(cfg)
-    try:
-        code = master.run(ready)
-    finally:
-        daemon.remove_pidfile(pidfile, os.getpid())
-        if entry:
-            registry.unregister(entry)
-    return code
-
-
-def _register(cfg: config_mod.Config) -> str:
-    """Put this master in the user's registry (``status --all``); '' if that failed."""
-    import logging
-
-    m = cfg.manager
-    name = m.name or (os.path.splitext(os.path.basename(cfg.source))[0] if cfg.source
-                      else cfg.app.module)
-    try:
-        return registry.register(name=name, config=cfg.source, pidfile=m.pidfile,
-                                 control=m.control, bind=cfg.listen.bind,
-                                 graceful_timeout=cfg.workers.graceful_timeout,
-                                 shutdown_delay=cfg.manager.shutdown_delay)
-    except OSError as exc:
-        logging.getLogger("fcgi_manager.master").warning(
-            "not listed by `status --all`: %s", exc)
-        return ""
-
-
-def _check_directories(cfg: config_mod.Config, log_path: str) -> None:
-    """Create the missing runtime directory (``/run/NAME`` after a reboot), then refuse
-    directories where another user could swap our files for links (see rundir)."""
-    from . import rundir
-
-    rundir.prepare(cfg, log_path)
-
-
-def master_log_ready(master: Any) -> None:
-    import logging
-
-    log = logging.getLogger("fcgi_manager.master")
-    log.info("ready: %d worker(s) serving %s", len(master.workers), master.address)
-    from . import webusers
-
-    for line in webusers.socket_warnings(master.cfg, running=True):
-        log.warning("%s", line)
-    if os.geteuid() == 0 and not master.cfg.manager.user:
-        from .privileges import ROOT_WARNING
-
-        log.info("%s", ROOT_WARNING)  # start, check and status say it to the operator
-
-
 def _warn_root(cfg: config_mod.Config) -> None:
     """Started as root without manager.user: the workers run as root; say so."""
     if os.geteuid() == 0 and not cfg.manager.user:
@@ -504,7 +380,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     if resume.resuming():
         appload.leave_shell_directory()  # as the first time (below)
         return serve(cfg, background=True)  # a reload re-executed the daemonized master
-    running = _check_not_running(cfg)
+    running = check_not_running(cfg)
     if running:
         print(f"fcgi-manager is already running (pid {running})")
         return 0
@@ -552,9 +428,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     if ok is False:
         print(text.rstrip(), file=sys.stderr)
         return 1
-    log_path = _log_path(cfg, True)
     print(f"Error: the master exited before it was ready{': ' + text if text else ''}\n"
-          f"hint: see the log {log_path}", file=sys.stderr)
+          f"hint: see the log {log_path(cfg, True)}", file=sys.stderr)
     return 1
 
 

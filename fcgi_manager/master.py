@@ -59,6 +59,7 @@ from .children import (
     fork_worker,
     start_zygote,
 )
+from .codes import WAKE_SIGNAL
 from .config import Config, settings_environment
 from .control_server import ControlConnection, ControlServer
 from .errors import FcgiManagerError
@@ -440,7 +441,7 @@ class Master:
                 for w in self.sup.workers.values():
                     if w.ready:
                         try:
-                            os.kill(w.pid, signal.SIGUSR1)
+                            os.kill(w.pid, WAKE_SIGNAL)
                         except ProcessLookupError:
                             pass
             return {"reopened": self.cfg.manager.log}

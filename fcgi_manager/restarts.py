@@ -30,7 +30,7 @@ import signal
 from dataclasses import dataclass
 from typing import Optional
 
-from .worker import EXIT_BOOT_ERROR, EXIT_RECYCLE_MEMORY, EXIT_RECYCLE_REQUESTS
+from .codes import EXIT_BOOT_ERROR, EXIT_RECYCLE_MEMORY, EXIT_RECYCLE_REQUESTS
 
 
 class ExitKind(enum.Enum):

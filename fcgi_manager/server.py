@@ -92,7 +92,7 @@ class WSGIServer:
         reason and raises ``SystemExit(1)``: the Flask guide's ``.fcgi`` files ignore what
         ``run()`` returns, and their process must still exit non-zero.
         """
-        from .cli import serve
+        from .lifecycle import serve
 
         try:
             cfg = self._config()

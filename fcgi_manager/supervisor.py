@@ -47,10 +47,10 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
+from .codes import STACK_SIGNAL
 from .pool import PoolSizer, PoolView, threaded_view
 from .restarts import ExitKind, RestartTracker, classify, describe_exit, recycle_reason
 from .states import WorkerState, can_change
-from .worker import STACK_SIGNAL
 
 STACK_GRACE = 1.0  # seconds between the stack-dump signal and SIGKILL for a hung request
 KILL_RETRY = 5.0  # a worker SIGKILLed but not reaped yet is killed again after this

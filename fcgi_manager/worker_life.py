@@ -20,13 +20,12 @@ from types import FrameType
 from typing import Any, Optional
 
 from . import accesslog, notify
+from .codes import EXIT_BOOT_ERROR as EXIT_BOOT_ERROR
+from .codes import EXIT_OK as EXIT_OK
+from .codes import EXIT_RECYCLE_MEMORY as EXIT_RECYCLE_MEMORY
+from .codes import EXIT_RECYCLE_REQUESTS as EXIT_RECYCLE_REQUESTS
+from .codes import STACK_SIGNAL as STACK_SIGNAL
 
-EXIT_OK = 0  # asked to stop (stop, reload, scale down, master gone)
-EXIT_BOOT_ERROR = 3  # the app could not be imported: the master must not respawn in a loop
-EXIT_RECYCLE_REQUESTS = 10  # served max_requests
-EXIT_RECYCLE_MEMORY = 11  # RSS passed max_memory
-
-STACK_SIGNAL = signal.SIGUSR2
 HEARTBEAT_EVERY = 1.0  # seconds at most between two heartbeats of an idle worker
 
 log = logging.getLogger("fcgi_manager.worker")

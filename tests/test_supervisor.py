@@ -14,9 +14,9 @@ from typing import Any, Dict, List, Optional, Type
 import pytest
 
 from fcgi_manager import supervisor as sv
+from fcgi_manager.codes import EXIT_BOOT_ERROR, EXIT_RECYCLE_MEMORY, STACK_SIGNAL
 from fcgi_manager.config import WorkersConfig
 from fcgi_manager.states import WorkerState
-from fcgi_manager.worker import EXIT_BOOT_ERROR, EXIT_RECYCLE_MEMORY, STACK_SIGNAL
 
 STOPPING = {"stopping": True, "pid": 1, "drain_s": 0.0}  # the reply to ``stop``
 
