@@ -63,6 +63,7 @@ from .codes import WAKE_SIGNAL
 from .config import Config, settings_environment
 from .control_server import ControlConnection, ControlServer
 from .errors import FcgiManagerError
+from .escaping import escape
 from .handoff import HandoffChannel
 from .privileges import apply_environment, resolve_user
 from .restarts import describe_exit
@@ -79,7 +80,7 @@ SAMPLE_EVERY = 2.0  # memory and CPU of every worker (and at each status request
 MAX_LINE = 16384  # a worker's output line longer than this is logged in pieces
 UNCLAIMED_MAX = 64  # exits of unknown children remembered for a zygote report still due
 CHANNEL_DRAIN_AFTER = 1.0  # seconds the new workers have to take the old generation's last
-SIGNAL_COMMANDS = {
+SIGNAL_COMMANDS: Dict[int, Tuple[str, Dict[str, object]]] = {
     signal.SIGTERM: ("stop", {}), signal.SIGQUIT: ("stop", {}),
     signal.SIGINT: ("stop", {"now": True}), signal.SIGHUP: ("reload", {}),
     signal.SIGUSR1: ("reopen-logs", {}), signal.SIGTTIN: ("scale", {"value": "+1"}),
@@ -852,8 +853,7 @@ class Master:
             self._read_output(io, final=True)
             self._read_notify(io, final=True)
             slot = self.board.read_slot(io.slot)
-            counts = [int(slot[k]) for k in ("requests", "shed",  # type: ignore
-                                             "accept_backoffs", "log_lines_lost")]
+            counts = [slot.requests, slot.shed, slot.accept_backoffs, slot.log_lines_lost]
             self.board.clear(io.slot)
         elif self.zygote is not None and self.zygote.asked:
             # Maybe a worker the zygote has not reported yet: remember how it ended.
@@ -868,14 +868,11 @@ class Master:
         views = {}
         for pid, io in self.io.items():
             s = self.board.read_slot(io.slot)
-            what = logs.escape(f"{s['method']} "
-                               f"{logs.shown_uri(str(s['uri']), self.cfg.status.show_query)}")
+            what = escape(f"{s.method} {logs.shown_uri(s.uri, self.cfg.status.show_query)}")
             views[pid] = sv.SlotView(
-                busy=s["state"] == WorkerState.BUSY, busy_since=float(s["busy_since"]),  # type: ignore
-                requests=int(s["requests"]), what=what,  # type: ignore[call-overload]
-                slow_dumped=int(s["slow_dumped"]), threads=int(s["threads"]),  # type: ignore
-                in_flight=len(s["in_flight"]),  # type: ignore[arg-type]
-                heartbeat=float(s["heartbeat"]))  # type: ignore[arg-type]
+                busy=s.state is WorkerState.BUSY, busy_since=s.busy_since,
+                requests=s.requests, what=what, slow_dumped=s.slow_dumped, threads=s.threads,
+                in_flight=len(s.in_flight), heartbeat=s.heartbeat)
         return views
 
     def _tick(self, now: float) -> None:

@@ -51,6 +51,7 @@ import struct
 import threading
 import time
 from bisect import bisect_left
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from .states import STATE_CODES, STATE_NAMES, WorkerState
@@ -125,6 +126,39 @@ STOP_FLAG_STUCK = 2  # missed its heartbeat: being replaced
 
 _BUSY = STATE_CODES[WorkerState.BUSY]
 _IDLE = STATE_CODES[WorkerState.IDLE]
+
+
+@dataclass(frozen=True)
+class SlotRecord:
+    """One worker's slot as a reader sees it (:meth:`Scoreboard.read_slot`): a threaded
+    worker's thread entries are folded in (busy when any thread is, ``busy_since`` of the
+    oldest request, the sum of the requests)."""
+
+    slot: int
+    pid: int  # 0: a free slot
+    generation: int
+    started_at: float  # wall clock
+    state: WorkerState
+    requests: int
+    busy_since: float  # monotonic, of the oldest request running; 0.0 when idle
+    method: str  # of that request
+    uri: str
+    rss: int  # bytes, as the master last sampled them
+    cpu: float  # percent, as the master last sampled it
+    shed: int  # connections answered 503 without running the app
+    slow_dumped: int  # the request number whose stack was dumped for being slow
+    threads: int  # app threads (1 without workers.threads)
+    in_flight: List[Tuple[float, str, str]]  # (busy_since, method, uri), oldest first
+    stopping: bool  # the master asked it to stop
+    stuck: bool  # missed its heartbeat while idle: being replaced
+    heartbeat: float  # monotonic, written by its loop when it wakes up idle
+    id: int  # the id it shows (stable across replacement)
+    accept_backoffs: int  # pauses in accepting at the open-files limit
+    log_lines_lost: int  # output lines it dropped because the master did not read
+
+    def __getitem__(self, name: str) -> object:
+        """``record["requests"]``: the field by name, for readers of the dict it was."""
+        return getattr(self, name)
 
 
 class Scoreboard:
@@ -330,7 +364,7 @@ class Scoreboard:
         off = HEADER_SIZE + slot * SLOT_SIZE + COUNTERS_OFF + 12
         struct.pack_into("=I", self.mem, off, STOP_FLAG_STUCK)
 
-    def read_slot(self, slot: int) -> Dict[str, object]:
+    def read_slot(self, slot: int) -> SlotRecord:
         off = HEADER_SIZE + slot * SLOT_SIZE
         mem = self.mem
         pid, generation, started_at = IDENT.unpack_from(mem, off + IDENT_OFF)
@@ -364,31 +398,31 @@ class Scoreboard:
             busy_since, method, uri = flights[0] if flights else (0.0, b"", b"")
         else:
             flights = [(busy_since, method, uri)] if state == _BUSY else []
-        return {
-            "slot": slot,
-            "pid": pid,
-            "generation": generation,
-            "started_at": started_at,
-            "state": STATE_NAMES.get(state, WorkerState.STARTING),
-            "requests": requests,
-            "busy_since": busy_since,
-            "method": method.rstrip(b"\0").decode("latin-1", "replace"),
-            "uri": uri.rstrip(b"\0").decode("utf-8", "replace"),
-            "rss": rss,
-            "cpu": cpu,
-            "shed": shed,
-            "slow_dumped": slow_dumped,
-            "threads": threads or 1,
-            "in_flight": [(since, m.rstrip(b"\0").decode("latin-1", "replace"),
-                           u.rstrip(b"\0").decode("utf-8", "replace"))
-                          for since, m, u in flights],
-            "stopping": bool(stop_requested),
-            "stuck": stop_requested == STOP_FLAG_STUCK,
-            "heartbeat": heartbeat,
-            "id": worker_id or slot + 1,
-            "accept_backoffs": backoffs,
-            "log_lines_lost": lost,
-        }
+        return SlotRecord(
+            slot=slot,
+            pid=pid,
+            generation=generation,
+            started_at=started_at,
+            state=STATE_NAMES.get(state, WorkerState.STARTING),
+            requests=requests,
+            busy_since=busy_since,
+            method=method.rstrip(b"\0").decode("latin-1", "replace"),
+            uri=uri.rstrip(b"\0").decode("utf-8", "replace"),
+            rss=rss,
+            cpu=cpu,
+            shed=shed,
+            slow_dumped=slow_dumped,
+            threads=threads or 1,
+            in_flight=[(since, m.rstrip(b"\0").decode("latin-1", "replace"),
+                        u.rstrip(b"\0").decode("utf-8", "replace"))
+                       for since, m, u in flights],
+            stopping=bool(stop_requested),
+            stuck=stop_requested == STOP_FLAG_STUCK,
+            heartbeat=heartbeat,
+            id=worker_id or slot + 1,
+            accept_backoffs=backoffs,
+            log_lines_lost=lost,
+        )
 
     def used_slots(self) -> Iterator[int]:
         mem = self.mem
@@ -397,7 +431,7 @@ class Scoreboard:
             if mem[off : off + 4] != b"\0\0\0\0":
                 yield slot
 
-    def read_all(self) -> List[Dict[str, object]]:
+    def read_all(self) -> List[SlotRecord]:
         return [self.read_slot(s) for s in self.used_slots()]
 
     def close(self) -> None:

@@ -33,49 +33,48 @@ def snapshot(cfg: Any, board: Scoreboard) -> Dict[str, Any]:
     lost = int(head["log_lines_lost_dead"]) + int(head["master_log_lost"])
     log_errno = int(head["master_log_errno"])
     for slot in board.read_all():
-        pid = int(slot["pid"])  # type: ignore[call-overload]
+        pid = slot.pid
         if pid <= 0:
             continue
-        accepted += int(slot["requests"])  # type: ignore[call-overload]
-        shed += int(slot["shed"])  # type: ignore[call-overload]
-        state = str(slot["state"])
+        accepted += slot.requests
+        shed += slot.shed
+        state = str(slot.state)
         current = None
         if state == "busy":
             active += 1
-            busy_since = float(slot["busy_since"])  # type: ignore[arg-type]
-            current = {"method": slot["method"],
-                       "uri": shown_uri(str(slot["uri"]), cfg.status.show_query),
-                       "elapsed_s": round(max(0.0, mono - busy_since), 3)}
+            current = {"method": slot.method,
+                       "uri": shown_uri(slot.uri, cfg.status.show_query),
+                       "elapsed_s": round(max(0.0, mono - slot.busy_since), 3)}
         elif state == "idle":
             idle += 1
         in_flight = [{"method": m, "uri": shown_uri(u, cfg.status.show_query),
                       "elapsed_s": round(max(0.0, mono - since), 3)}
-                     for since, m, u in slot["in_flight"]]  # type: ignore[attr-defined]
+                     for since, m, u in slot.in_flight]
         busy_threads += len(in_flight)
-        threads += int(slot["threads"])  # type: ignore[call-overload]
-        if slot["stuck"]:
+        threads += slot.threads
+        if slot.stuck:
             state = "stuck"  # missed its heartbeat while idle: being replaced
-        elif slot["stopping"]:
+        elif slot.stopping:
             state = "stopping"  # asked to stop; ``current`` shows the request it finishes
-        backoffs += int(slot["accept_backoffs"])  # type: ignore[call-overload]
-        lost += int(slot["log_lines_lost"])  # type: ignore[call-overload]
-        started = float(slot["started_at"])  # type: ignore[arg-type]
+        backoffs += slot.accept_backoffs
+        lost += slot.log_lines_lost
+        started = slot.started_at
         workers.append({
-            "id": int(slot["id"]),  # type: ignore[call-overload]
+            "id": slot.id,
             "pid": pid,
             "state": state,
             "stopped": _stopped(pid),
-            "generation": int(slot["generation"]),  # type: ignore[call-overload]
-            "requests": int(slot["requests"]),  # type: ignore[call-overload]
+            "generation": slot.generation,
+            "requests": slot.requests,
             "started_at": round(started, 3),
             "uptime_s": round(max(0.0, now - started), 1),
-            "rss_bytes": int(slot["rss"]) or None,  # type: ignore[call-overload]
-            "cpu_percent": round(float(slot["cpu"]), 1),  # type: ignore[arg-type]
+            "rss_bytes": slot.rss or None,
+            "cpu_percent": round(slot.cpu, 1),
             "current": current,
-            "threads": int(slot["threads"]),  # type: ignore[call-overload]
+            "threads": slot.threads,
             "in_flight": in_flight,
-            "accept_backoffs": int(slot["accept_backoffs"]),  # type: ignore[call-overload]
-            "log_lines_lost": int(slot["log_lines_lost"]),  # type: ignore[call-overload]
+            "accept_backoffs": slot.accept_backoffs,
+            "log_lines_lost": slot.log_lines_lost,
         })
     workers.sort(key=lambda w: (w["id"], w["started_at"]))
     queue = int(head["queue"])
