@@ -97,14 +97,17 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _stderr_fd = -1
 
 
-class _Fields(dict):
+class _Fields(Dict[str, Any]):
     """The atoms of one line, computed only when the format asks for them."""
 
     __slots__ = ("params", "entry")
+    params: Dict[str, str]
+    entry: _Entry
 
     def __missing__(self, key: str) -> Any:
         p = self.params
         e = self.entry
+        value: Any
         if key == "r":
             value = f"{escape(p.get('REQUEST_METHOD', '-'), True)} " \
                     f"{escape(e.uri, True)} {escape(p.get('SERVER_PROTOCOL', '-'), True)}"
@@ -144,6 +147,11 @@ class _Entry:
     """What one finished request measured (shared by the text and JSON writers)."""
 
     __slots__ = ("uri", "nbytes", "duration", "cpu", "rss")
+    uri: str
+    nbytes: int
+    duration: float  # seconds
+    cpu: float  # seconds
+    rss: int  # bytes
 
 
 class AccessLog:

@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 import traceback
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import AppImportError
 
@@ -155,7 +155,9 @@ def _evaluate(module: object, expr: str) -> object:
         except ValueError:
             raise AppImportError(f"the factory call {expr!r} may take literal arguments only"
                                  ) from None
-        return _evaluate(module, ast.unparse(node.func))(*args, **kwargs)
+        # Not callable: the TypeError is reported as the factory call's failure.
+        factory: Any = _evaluate(module, ast.unparse(node.func))
+        return factory(*args, **kwargs)
     raise AppImportError(f"cannot read {expr!r} after the ':'",
                          hint='write "module:app" or "module:create_app()"')
 

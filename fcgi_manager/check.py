@@ -60,10 +60,10 @@ def run_check(cfg: Config, path: str = "/") -> int:
     for warning in webusers.socket_warnings(cfg):
         _say(f"warning  {warning}")
     user = resolve_user(cfg.manager.user, cfg.manager.group)
-    problems = log_problems(cfg, user.uid)
-    for problem in problems:
-        print(f"Error: {problem}", file=sys.stderr)
-    if problems:
+    log_errors = log_problems(cfg, user.uid)
+    for error in log_errors:
+        print(f"Error: {error}", file=sys.stderr)
+    if log_errors:
         return 1
     _say(f"app      {cfg.app.module}  (python {sys.version.split()[0]} at {sys.executable})")
     apply_environment(cfg.app)

@@ -693,7 +693,7 @@ def _status_without_master(pidfile: str, exc: ControlError, as_json: bool) -> in
 
 def _status_all(as_json: bool) -> int:
     """Every master in the registry, one line each (``supervisorctl status``)."""
-    rows = []
+    rows: List[Dict[str, Any]] = []
     for entry in registry.entries():
         try:
             data: Optional[Dict[str, Any]] = control.call(entry.control, "status", timeout=2.0)

@@ -80,7 +80,6 @@ def request(address: Address, params: Dict[str, str], body: bytes = b"",
     try:
         sock.sendall(protocol.encode_request(params, body))
         parser = protocol.ClientConnection(1)
-        raw = bytearray()
         while True:
             data = sock.recv(65536)
             if not data:

@@ -149,11 +149,11 @@ def load_pure() -> Dict[str, ModuleType]:
             loaded[name] = module
     finally:
         for name in MODULES:
-            mod = saved_modules[name]
-            if mod is None:
+            saved = saved_modules[name]
+            if saved is None:
                 sys.modules.pop(f"{PACKAGE}.{name}", None)
             else:
-                sys.modules[f"{PACKAGE}.{name}"] = mod
+                sys.modules[f"{PACKAGE}.{name}"] = saved
             attr = saved_attrs[name]
             if attr is None:
                 package.__dict__.pop(name, None)

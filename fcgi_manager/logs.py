@@ -143,9 +143,12 @@ class ReopenableHandler(logging.Handler):
         if self._failed:
             return
         self._failed = True
+        stderr = sys.__stderr__
+        if stderr is None:  # started without any stderr: nobody to tell
+            return
         try:
-            sys.__stderr__.write(f"fcgi-manager: {text}; serving goes on\n")
-            sys.__stderr__.flush()
+            stderr.write(f"fcgi-manager: {text}; serving goes on\n")
+            stderr.flush()
         except (OSError, ValueError, AttributeError):
             pass
 

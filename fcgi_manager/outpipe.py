@@ -62,7 +62,7 @@ class LineWriter(io.TextIOBase):
     def pending(self) -> bool:
         return bool(self._out or self._unsaid)
 
-    def write(self, text: str) -> int:  # type: ignore[override]
+    def write(self, text: str) -> int:
         with self._lock:
             if "\n" not in text:
                 self._partial += text
@@ -132,5 +132,5 @@ def install(out_fd: int) -> LineWriter:
         fd = os.dup(out_fd)
         os.set_blocking(fd, False)
     writer = LineWriter(fd)
-    sys.stdout = sys.stderr = writer  # type: ignore[assignment]
+    sys.stdout = sys.stderr = writer
     return writer

@@ -26,7 +26,10 @@ free threads into whole workers' worth of spare capacity before the rules above 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import TYPE_CHECKING, Dict, List, Tuple
+
+if TYPE_CHECKING:  # the settings' type only: the rules load no module of the shell
+    from .config import WorkersConfig
 
 MAX_SPAWN_RATE = 32
 RETIRE_EVERY = 1.0
@@ -55,7 +58,7 @@ class Decision:
 class PoolSizer:
     """Remembers what the rules need between ticks (spawn rate, last retirement)."""
 
-    def __init__(self, workers_cfg) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, workers_cfg: WorkersConfig) -> None:
         self.cfg = workers_cfg
         self.spawn_rate = 1
         self.window_start = -1.0  # workers.max_spawn_rate: forks counted per second
@@ -81,7 +84,7 @@ class PoolSizer:
                 decision.reached_max = True
                 self.at_max = True
             return
-        limit = getattr(self.cfg, "max_spawn_rate", MAX_SPAWN_RATE)
+        limit = self.cfg.max_spawn_rate
         if self.window_start < 0 or view.now - self.window_start >= 1.0:
             self.window_start, self.window_spawned = view.now, 0
         decision.spawn = max(0, min(want, room, self.spawn_rate, limit - self.window_spawned))

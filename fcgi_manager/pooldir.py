@@ -348,7 +348,7 @@ class PoolParent:
         for conn in list(self.control.conns.values()):
             self.control.close(conn)
         self.waiters = []
-        state = {
+        state: Dict[str, Any] = {
             "directory": self.directory, "pidfile": self.pidfile,
             "notify_name": self.notify_name, "notify_fd": self.notify_sock.fileno(),
             "control_fd": self.control.sock.fileno(), "pidfile_fd": self.pidfile_fd,
@@ -356,7 +356,7 @@ class PoolParent:
             "outputs": [{"fd": fd, "name": out.name} for fd, out in self.outputs.items()],
             "apps": [_app_state(app) for app in self.apps.values()],
         }
-        fds = [state["notify_fd"], state["control_fd"], *self.outputs]
+        fds: List[int] = [state["notify_fd"], state["control_fd"], *self.outputs]
         if self.pidfile_fd >= 0:
             fds.append(self.pidfile_fd)
         env = dict(os.environ)
@@ -753,9 +753,12 @@ class PoolParent:
                                              if f.path in {e.path for e in errors}]
         plan = plan_reload(known, files, broken)
         if names:
-            plan = ReloadPlan(*(tuple(n for n in group if n in names) for group in (
-                plan.start, plan.stop, plan.reload, plan.restart)),
-                keep=tuple(n for n in plan.keep if n in names))
+            start, stop, reload, restart, keep = (tuple(n for n in group if n in names)
+                                                  for group in (plan.start, plan.stop,
+                                                                plan.reload, plan.restart,
+                                                                plan.keep))
+            plan = ReloadPlan(start=start, stop=stop, reload=reload, restart=restart,
+                              keep=keep)
         result: Dict[str, Any] = {"started": [], "stopped": [], "reload": [],
                                   "restarted": [], "unchanged": [], "errors": {}}
         named_paths = {self.apps[n].file.path for n in names if n in self.apps}

@@ -349,9 +349,10 @@ def render_table(rows: List[Dict[str, Any]]) -> str:
                       "-" if r.get("requests") is None else str(r["requests"])))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = []
-    for row, r in zip(table, [None] + rows):
+    errors = [""] + [str(r.get("error") or "") for r in rows]  # none for the heading
+    for row, error in zip(table, errors):
         line = "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-        if r is not None and r.get("error"):
-            line += f"  {r['error']}"
+        if error:
+            line += f"  {error}"
         lines.append(line)
     return "\n".join(lines) + "\n"

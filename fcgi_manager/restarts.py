@@ -90,7 +90,7 @@ class RestartPolicy:
         """Seconds to wait before the next start, after ``failures`` quick failures."""
         if failures < self.backoff_from:
             return 0.0
-        return min(self.max_delay, self.base_delay * (2 ** min(failures - 1, 10)))
+        return min(self.max_delay, self.base_delay * 2.0 ** min(failures - 1, 10))
 
 
 class RestartTracker:

@@ -911,9 +911,9 @@ class Supervisor:
                                        f"({self.cfg.max_workers}) and requests are waiting: "
                                        "raise max_workers if memory allows")
         for pid in decision.retire:
-            w = self.workers.get(pid)
-            if w is not None:
-                self._stop_worker(w, "idle (pool shrinking)", signal.SIGTERM,
+            idler = self.workers.get(pid)
+            if idler is not None:
+                self._stop_worker(idler, "idle (pool shrinking)", signal.SIGTERM,
                                   self.cfg.graceful_timeout, now)
         self.target = len(current) - len(decision.retire) + decision.spawn
         if self.cfg.mode == "ondemand":

@@ -256,15 +256,16 @@ def _zygote_main(sock: socket.socket, prepare_child: Callable[[], None],
     sock.send(b"R")
     master_pid = os.getppid()
     sock.settimeout(None)
+    sock_fd = sock.fileno()
     while True:
-        ready, _, _ = select.select([sock, watch_fd], [], [])
+        ready, _, _ = select.select([sock_fd, watch_fd], [], [])
         if watch_fd in ready:
             try:
                 if not os.read(watch_fd, 1):
                     return 0  # the master is gone
             except OSError:
                 return 0
-        if sock not in ready:
+        if sock_fd not in ready:
             continue
         try:
             data = sock.recv(MAX_MESSAGE)
