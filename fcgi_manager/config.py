@@ -57,7 +57,7 @@ class AppConfig:
     preload: bool = True
     script_name: Optional[str] = None
     fix_root_url: bool = False
-    post_fork: str = ""  # "module:function" called in each worker after fork (second round)
+    post_fork: str = ""  # "module:function" called in each worker after fork
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,8 @@ class WorkersConfig:
     read_timeout: float = 30.0
     write_timeout: float = 60.0
     max_idle_connections: int = 1024
-    max_body: int = 0  # bytes, 0 = no limit; larger request bodies get 413 (second round)
-    threads: int = 1  # requests run at once in each worker (second round)
+    max_body: int = 0  # bytes, 0 = no limit; larger request bodies get 413
+    threads: int = 1  # requests run at once in each worker
     max_spawn_rate: int = 32  # workers forked per second at most when a dynamic pool grows
 
     @property
@@ -107,7 +107,7 @@ class StatusConfig:
     path: str = ""
     ping_path: str = ""
     ping_response: str = "pong"
-    show_query: bool = False  # query strings shown as "?…" unless true (second round)
+    show_query: bool = False  # query strings shown as "?…" unless true
     listen: str = ""  # an extra socket the master answers status/ping/metrics on itself
 
 
@@ -121,10 +121,10 @@ class ManagerConfig:
     log_level: str = "info"
     umask: int = 0o022
     name: str = ""
-    log_format: str = "text"  # "text" | "json" (second round)
-    access_log: str = ""  # path, "-" = stderr, "" = off (second round)
-    access_format: str = ""  # "" = the built-in format (second round)
-    shutdown_delay: float = 0.0  # seconds the ping path answers 503 before a stop (second round)
+    log_format: str = "text"  # "text" | "json"
+    access_log: str = ""  # path, "-" = stderr, "" = off
+    access_format: str = ""  # "" = the built-in format
+    shutdown_delay: float = 0.0  # seconds the ping path answers 503 before a stop
     # php-fpm's pool limits, set in the workers ("" = inherited from the master)
     rlimit_files: Union[int, str] = ""  # RLIMIT_NOFILE: a number
     rlimit_core: Union[int, str] = ""  # RLIMIT_CORE: bytes, or "unlimited"

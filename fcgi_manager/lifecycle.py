@@ -87,8 +87,7 @@ def serve(cfg: Config, app: Any = None, background: bool = False,
             except OSError as exc:
                 text = f"cannot write the pidfile {pidfile}: {exc.strerror}"
                 ok = False
-                master.stop(now=True)
-                master.exit_code = 1
+                master.pidfile_failed(text)
         if report_fd >= 0:
             daemon.report(report_fd, ok, text)
         if ok:

@@ -167,19 +167,19 @@ class Master:
     # -- what the CLI uses ------------------------------------------------------------------
 
     @property
-    def workers(self) -> Dict[int, sv.Worker]:
+    def workers(self) -> Dict[int, sv.WorkerRecord]:
         return self.sup.workers
 
     @property
     def exit_code(self) -> int:
         return self.sup.exit_code
 
-    @exit_code.setter
-    def exit_code(self, code: int) -> None:
-        self.sup.exit_code = code
-
     def stop(self, now: bool) -> None:
         self.feed(sv.Command("stop", {"now": now}, None, time.monotonic()))
+
+    def pidfile_failed(self, error: str) -> None:
+        """Ready, but the pidfile could not be written: stop now and exit 1."""
+        self.feed(sv.PidfileFailed(error, time.monotonic()))
 
     # -- preparing ------------------------------------------------------------------------
 
@@ -277,23 +277,20 @@ class Master:
         if state.zygote_pid:
             self.retired_zygotes.add(state.zygote_pid)  # it exits now that we exec'd
         self.started_at = state.started_at
-        self.sup.totals.update(state.totals)
-        self.sup.max_queue = state.max_queue
         return socket.socket(fileno=state.control_fd)
 
     def _adopt_workers(self, state: ResumeState) -> None:
         assert self.control is not None
         adopted = []
         for r in state.workers:
-            w = sv.Worker(r.slot, r.pid, r.generation, r.started,
-                          WorkerState.STOPPING if r.stop_reason else
-                          WorkerState.IDLE if r.ready else WorkerState.STARTING,
-                          wid=self.board.worker_id(r.slot))
-            w.stop_reason, w.kill_at = r.stop_reason, r.kill_at
-            adopted.append(w)
+            adopted.append(sv.AdoptedWorker(r.slot, r.pid, r.generation, r.started, r.ready,
+                                            self.board.worker_id(r.slot), r.stop_reason,
+                                            r.kill_at))
             self._watch(WorkerIO(r.pid, r.slot, r.out_fd, r.notify_fd))
-        waiters = [self.control.adopt(fd) for fd in state.waiter_fds]
-        self.sup.resume(adopted, state.generation, waiters, time.monotonic(), state.scale)
+        waiters = tuple(self.control.adopt(fd) for fd in state.waiter_fds)
+        self.feed(sv.Resumed(tuple(adopted), state.generation, waiters, time.monotonic(),
+                             totals=state.totals, max_queue=state.max_queue,
+                             scale=state.scale))
 
     def _warn_web_user(self) -> None:
         li = self.cfg.listen
@@ -374,7 +371,7 @@ class Master:
             if self.status_listener is not None:
                 self.status_listener.sweep(now)
 
-    def feed(self, event: Any) -> None:
+    def feed(self, event: sv.Event) -> None:
         """Give the supervisor one event and perform its actions (which may feed more)."""
         queue = [event]
         while queue:
@@ -465,44 +462,43 @@ class Master:
 
     # -- actions --------------------------------------------------------------------------
 
-    def _perform(self, action: Any) -> Any:
+    def _perform(self, action: sv.Action) -> Optional[sv.Event]:
         """Carry out one action; an event to feed back, if it has one."""
-        kind = type(action)
-        if kind is sv.Log:
+        if isinstance(action, sv.Log):
             log.log(action.level, "%s", action.message)
-        elif kind is sv.Spawn:
+        elif isinstance(action, sv.Spawn):
             return self._spawn(action.slot, action.generation, action.worker_id)
-        elif kind is sv.Signal:
+        elif isinstance(action, sv.Signal):
             self._signal(action.pid, action.sig)
-        elif kind is sv.MarkStopping:
+        elif isinstance(action, sv.MarkStopping):
             self.board.mark_stopping(action.slot)
-        elif kind is sv.MarkStuck:
+        elif isinstance(action, sv.MarkStuck):
             self.board.mark_stuck(action.slot)
-        elif kind is sv.MarkSlowDumped:
+        elif isinstance(action, sv.MarkSlowDumped):
             self.board.mark_slow_dumped(action.slot, action.request_no)
-        elif kind is sv.Reply:
+        elif isinstance(action, sv.Reply):
             self._reply(action)
-        elif kind is sv.Validate:
+        elif isinstance(action, sv.Validate):
             self._start_validation()
-        elif kind is sv.CancelValidation:
+        elif isinstance(action, sv.CancelValidation):
             self._cancel_validation()
-        elif kind is sv.ReExec:
+        elif isinstance(action, sv.ReExec):
             return self._reexec()
-        elif kind is sv.NotifySystemd:
+        elif isinstance(action, sv.NotifySystemd):
             self._notify_systemd(action.message)
-        elif kind is sv.ReportReady:
+        elif isinstance(action, sv.ReportReady):
             self._report_ready(action.ok, action.text)
-        elif kind is sv.CloseListener:
+        elif isinstance(action, sv.CloseListener):
             self._close_listener()
             for channel in self.channels.values():
                 channel.shut()  # nobody is left to take a kept connection
             if self.zygote is not None:  # a full stop: no worker is wanted any more
                 self._zygote_gone(self.zygote, "is not needed: the master stops")
-        elif kind is sv.SetDraining:
+        elif isinstance(action, sv.SetDraining):
             self.board.set_draining(True)
-        elif kind is sv.WatchListener:
+        elif isinstance(action, sv.WatchListener):
             self._watch_listener(action.on)
-        elif kind is sv.Exit:
+        elif isinstance(action, sv.Exit):
             self.running = False
         else:
             raise TypeError(f"unknown supervisor action {action!r}")
@@ -637,7 +633,7 @@ class Master:
         return w.max_requests + (random.randint(0, w.max_requests_jitter)
                                  if w.max_requests_jitter else 0)
 
-    def _spawn(self, slot: int, generation: int, worker_id: int = 0) -> Any:
+    def _spawn(self, slot: int, generation: int, worker_id: int = 0) -> Optional[sv.Event]:
         # Pid -1 until the worker is known: the slot is taken (its thread entries too) but
         # status shows no worker in it; a zygote's answer may come turns later.
         self.board.assign(slot, -1, generation, worker_id)
@@ -655,7 +651,7 @@ class Master:
             return sv.SpawnFailed(slot, text, time.monotonic())
         return self._spawned(slot, pid, out_fd, notify_fd)
 
-    def _spawned(self, slot: int, pid: int, out_fd: int, notify_fd: int) -> Any:
+    def _spawned(self, slot: int, pid: int, out_fd: int, notify_fd: int) -> sv.Spawned:
         os.set_blocking(out_fd, False)
         os.set_blocking(notify_fd, False)
         self.board.set_pid(slot, pid)
@@ -990,7 +986,7 @@ class Master:
         self.cancelled_checks.add(v.pid)  # reaped later, without a word
         self._unwatch_fd(v.fd)
 
-    def _reexec(self) -> Any:
+    def _reexec(self) -> Optional[sv.ReExecFailed]:
         """Replace this process's image (same pid) with a fresh one that resumes the pool;
         returns only if that fails (with the event saying so)."""
         assert self.listener is not None and self.control is not None

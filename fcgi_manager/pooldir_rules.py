@@ -10,7 +10,8 @@ pidfile, the control socket and the ``status.listen`` socket. Two files claiming
 them are both refused (neither is started or changed; the rest go on), because which of
 the two the operator meant cannot be guessed.
 
-An app's life in the parent (the states users see are SPEC's)::
+An app's life in the parent (the states ``status`` shows; the README's pool-directory
+section tells them)::
 
     stopped --start--> starting --READY--> running --RELOADING--> reloading --READY--> running
                           ^   \\                \\
@@ -46,7 +47,7 @@ class AppState(str, enum.Enum):
 
     @property
     def shown(self) -> str:
-        """The state ``status`` prints (SPEC names five)."""
+        """The state ``status`` prints: five of them (stopping shows as stopped)."""
         return "stopped" if self is AppState.STOPPING else self.value
 
 

@@ -1,12 +1,16 @@
 """The supervisor: every rule of supervision, as a pure state machine.
 
 Events in, actions out, the shape of ``protocol`` applied to the master (h11's
-events-in/actions-out): :meth:`Supervisor.handle` takes one event -- a worker spawned,
-ready, exited; a tick with what the scoreboard shows; memory samples; a command; the
-reload check's verdict -- and returns the actions the shell (``master.py``) performs:
-spawn, signal, mark a slot stopping, reply to a client, validate, re-exec, log, exit. It
-never forks, reads, writes, sleeps or looks at a clock; every time it knows came in an
-event. So each rule is a unit test on a sequence of events (tests/test_supervisor.py).
+events-in/actions-out): :meth:`Supervisor.handle` takes one :data:`Event` -- a worker
+spawned, ready, exited; a tick with what the scoreboard shows; memory samples; a command;
+the reload check's verdict; the state a re-executed image resumes; a pidfile that could not
+be written -- and returns the :data:`Action` s the shell (``master.py``) performs: spawn,
+signal, mark a slot stopping, reply to a client, validate, re-exec, log, exit. Both are
+unions of frozen dataclasses, and :data:`HANDLERS` maps each event type to its handler,
+so the type checker sees every pairing. It never forks, reads, writes, sleeps or looks at
+a clock; every time it knows came in an event, and the shell changes its state only
+through events. So each rule is a unit test on a sequence of events
+(tests/test_supervisor.py).
 
 The master's phase (systemd's unit states, which operators already know)::
 
@@ -26,7 +30,8 @@ STARTING is in no balancer yet: its stop skips the delay.
 
 RELOADING has two steps: the new code and config are checked in a throwaway process
 (the shell watches it like any other fd, so nothing waits), then the new generation
-starts (in place, or in a re-executed master that resumes in RELOADING) and the old one
+starts (in place, or in a re-executed master that resumes in RELOADING: the one
+STARTING -> RELOADING move, made by :class:`Resumed` before anything else) and the old one
 is asked to finish when all of it is ready.
 
 Each worker's state (``states.WorkerState``) is the truth the decisions use; it changes
@@ -45,7 +50,19 @@ import enum
 import logging
 import signal
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+)
 
 from .codes import STACK_SIGNAL
 from .pool import PoolSizer, PoolView, threaded_view
@@ -72,7 +89,8 @@ class Phase(str, enum.Enum):
 
 
 PHASES_ALLOWED = {
-    Phase.STARTING: {Phase.RUNNING, Phase.STOPPING},  # every worker ready; stop/failed start
+    # every worker ready; stop or a failed start; the image a reload re-executed resumes it
+    Phase.STARTING: {Phase.RUNNING, Phase.STOPPING, Phase.RELOADING},
     Phase.RUNNING: {Phase.RELOADING, Phase.DRAINING, Phase.STOPPING},
     Phase.RELOADING: {Phase.RUNNING, Phase.DRAINING, Phase.STOPPING},  # done/refused/failed
     Phase.DRAINING: {Phase.STOPPING},  # the delay is over, or stop now
@@ -194,6 +212,50 @@ class ReExecFailed:
     now: float
 
 
+@dataclass(frozen=True)
+class AdoptedWorker:
+    """A worker of the image that re-executed into this one, as its resume state says."""
+
+    slot: int
+    pid: int
+    generation: int
+    started: float
+    ready: bool
+    wid: int  # the id it shows
+    stop_reason: Optional[str] = None  # asked to stop (or leaving) before the re-exec
+    kill_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """This master is the image a reload re-executed: before :class:`Started`, it adopts
+    the old generation's workers, the totals so far and the clients waiting for the
+    reload; its own generation is the next one, and the phase is RELOADING until it is
+    ready (see ``resume.py`` for what the image hands on)."""
+
+    workers: Tuple[AdoptedWorker, ...]
+    old_generation: int
+    waiters: Tuple[Any, ...]
+    now: float
+    totals: Mapping[str, int] = field(default_factory=dict)
+    max_queue: int = -1
+    scale: Mapping[str, Any] = field(default_factory=dict)  # Supervisor.scale_state()
+
+
+@dataclass(frozen=True)
+class PidfileFailed:
+    """The master is ready but could not write its pidfile: it stops at once, exit 1 (a
+    master nobody can find by its pidfile would be left running)."""
+
+    error: str
+    now: float
+
+
+Event = Union[Started, Spawned, SpawnFailed, WorkerReady, WorkerLeaving, WorkerBootError,
+              WorkerExited, Tick, ListenerReadable, Sample, Command, ValidationDone,
+              ReExecFailed, Resumed, PidfileFailed]
+
+
 # -- actions ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -287,10 +349,16 @@ class Exit:
     code: int
 
 
+Action = Union[Spawn, Signal, MarkStopping, MarkStuck, MarkSlowDumped, Reply, Validate,
+               CancelValidation, ReExec, NotifySystemd, ReportReady, CloseListener,
+               SetDraining, WatchListener, Log, Exit]
+
+
 # -- the worker table ---------------------------------------------------------------------
 
-class Worker:
-    """The supervisor's view of one worker process."""
+class WorkerRecord:
+    """The supervisor's view of one worker process (the process itself runs
+    ``worker.Worker``)."""
 
     __slots__ = ("slot", "pid", "generation", "started", "state", "stop_reason", "kill_at",
                  "boot_error", "requests", "idle_since", "rss", "wid", "beat", "alive_at")
@@ -354,7 +422,7 @@ class Supervisor:
         self.strict = strict
         self.phase = Phase.STARTING
         self.generation = generation
-        self.workers: Dict[int, Worker] = {}
+        self.workers: Dict[int, WorkerRecord] = {}
         self.pending: Dict[int, Tuple[int, bool]] = {}  # slot -> (generation, is respawn)
         self.pending_ids: Dict[int, int] = {}  # slot -> the worker id it will show
         self.target = workers_cfg.effective_count if workers_cfg.mode != "ondemand" else 0
@@ -370,21 +438,30 @@ class Supervisor:
         self.sizer = PoolSizer(workers_cfg)
         self.slots: Mapping[int, SlotView] = {}
         self.warned_fresh_over_limit = False
-        self._out: List[Any] = []
+        self._out: List[Action] = []
 
     # -- resuming after a re-exec ----------------------------------------------------------
 
-    def resume(self, workers: List[Worker], old_generation: int, waiters: List[Any],
-               now: float, scale: Optional[Mapping[str, Any]] = None) -> None:
+    def _on_resumed(self, ev: Resumed) -> None:
         """Adopt the workers of the master image that re-executed into this one: its
         generation keeps serving until this one's is ready."""
-        for w in workers:
+        if self.phase is not Phase.STARTING or self.workers or self.pending:
+            self._illegal(f"master phase {self.phase} -> {Phase.RELOADING} (resumed after "
+                          "the start)")
+            return
+        for a in ev.workers:
+            state = WorkerState.STOPPING if a.stop_reason else \
+                WorkerState.IDLE if a.ready else WorkerState.STARTING
+            w = WorkerRecord(a.slot, a.pid, a.generation, a.started, state, wid=a.wid)
+            w.stop_reason, w.kill_at = a.stop_reason, a.kill_at
             self.workers[w.pid] = w
-        self.generation = old_generation + 1
-        self.phase = Phase.RELOADING
-        self.reload = Reload(deadline=now + READY_TIMEOUT, waiters=list(waiters),
-                             old_generation=old_generation)
-        self._carry_scale(scale or {})
+        self.totals.update((k, v) for k, v in ev.totals.items() if k in self.totals)
+        self.max_queue = max(self.max_queue, ev.max_queue)
+        self.generation = ev.old_generation + 1
+        self.reload = Reload(deadline=ev.now + READY_TIMEOUT, waiters=list(ev.waiters),
+                             old_generation=ev.old_generation)
+        self._set_phase(Phase.RELOADING, "resuming the reload after the re-exec")
+        self._carry_scale(ev.scale)
 
     def _carry_scale(self, before: Mapping[str, Any]) -> None:
         """A static pool's ``scale`` survives a reload (a deploy in the middle of a traffic
@@ -412,10 +489,12 @@ class Supervisor:
 
     # -- the one entry point ---------------------------------------------------------------
 
-    def handle(self, event: Any) -> List[Any]:
+    def handle(self, event: Event) -> List[Action]:
         """Apply one event; the actions the shell must perform, in order."""
-        handler = getattr(self, "_on_" + type(event).__name__)
-        handler(event)
+        handler = HANDLERS.get(type(event))
+        if handler is None:
+            raise TypeError(f"not a supervisor event: {event!r}")
+        handler(self, event)
         out, self._out = self._out, []
         if self.phase is Phase.STOPPING and not self.workers and not self.pending \
                 and not self.exited:
@@ -425,7 +504,7 @@ class Supervisor:
 
     # -- queries for the shell ---------------------------------------------------------------
 
-    def current(self) -> List[Worker]:
+    def current(self) -> List[WorkerRecord]:
         """Workers of the current generation that are not on their way out."""
         return [w for w in self.workers.values()
                 if w.generation == self.generation and w.stop_reason is None]
@@ -440,7 +519,7 @@ class Supervisor:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _emit(self, action: Any) -> None:
+    def _emit(self, action: Action) -> None:
         self._out.append(action)
 
     def _log(self, level: int, message: str) -> None:
@@ -456,7 +535,8 @@ class Supervisor:
         self.phase = new
         self._log(logging.DEBUG, f"master: {old} -> {new} ({reason})")
 
-    def _set_state(self, w: Worker, new: WorkerState, reason: str, quiet: bool = False) -> None:
+    def _set_state(self, w: WorkerRecord, new: WorkerState, reason: str,
+                   quiet: bool = False) -> None:
         old = w.state
         if old is new:
             return
@@ -474,7 +554,7 @@ class Supervisor:
 
     # -- start, spawn, ready ---------------------------------------------------------------
 
-    def _on_Started(self, ev: Started) -> None:
+    def _on_started(self, ev: Started) -> None:
         self._spawn_missing(ev.now)
         self._check_ready(ev.now)
 
@@ -528,15 +608,16 @@ class Supervisor:
         pending = sum(1 for gen, _ in self.pending.values() if gen == self.generation)
         return 2 * max(self.target, 1) - alive - pending
 
-    def _on_Spawned(self, ev: Spawned) -> None:
+    def _on_spawned(self, ev: Spawned) -> None:
         generation, respawn = self.pending.pop(ev.slot)
         if respawn:
             self.totals["respawns"] += 1
-        w = Worker(ev.slot, ev.pid, generation, ev.now, wid=self.pending_ids.pop(ev.slot, 0))
+        w = WorkerRecord(ev.slot, ev.pid, generation, ev.now,
+                         wid=self.pending_ids.pop(ev.slot, 0))
         self.workers[ev.pid] = w
         self._log(logging.DEBUG, f"spawned {w.name()}, generation {generation}")
 
-    def _on_SpawnFailed(self, ev: SpawnFailed) -> None:
+    def _on_spawn_failed(self, ev: SpawnFailed) -> None:
         _, respawn = self.pending.pop(ev.slot)
         self.pending_ids.pop(ev.slot, None)
         if respawn:
@@ -546,7 +627,7 @@ class Supervisor:
         self._log(logging.ERROR, f"cannot fork a worker: {ev.error} (out of memory or "
                                  "process limit?); trying again in 1 s")
 
-    def _on_WorkerReady(self, ev: WorkerReady) -> None:
+    def _on_worker_ready(self, ev: WorkerReady) -> None:
         w = self.workers.get(ev.pid)
         if w is None or w.state is not WorkerState.STARTING:
             return  # asked to stop while it was starting: its readiness changes nothing
@@ -555,7 +636,7 @@ class Supervisor:
         self._log(logging.INFO, f"{w.name()} is ready (generation {w.generation})")
         self._check_ready(ev.now)
 
-    def _on_WorkerLeaving(self, ev: WorkerLeaving) -> None:
+    def _on_worker_leaving(self, ev: WorkerLeaving) -> None:
         """Count it as leaving at once, so that its replacement accepts while it finishes
         (no new request waits for its slowest one). It exits on its own; the master kills
         it only if it is still there once its requests had all the time they may take."""
@@ -571,7 +652,7 @@ class Supervisor:
         if self.phase is not Phase.STOPPING:
             self._spawn_missing(ev.now)
 
-    def _on_WorkerBootError(self, ev: WorkerBootError) -> None:
+    def _on_worker_boot_error(self, ev: WorkerBootError) -> None:
         w = self.workers.get(ev.pid)
         if w is not None:
             w.boot_error = ev.text
@@ -589,7 +670,7 @@ class Supervisor:
 
     # -- exits -----------------------------------------------------------------------------
 
-    def _on_WorkerExited(self, ev: WorkerExited) -> None:
+    def _on_worker_exited(self, ev: WorkerExited) -> None:
         w = self.workers.pop(ev.pid, None)
         if w is None:
             # As pid 1 of a container (or a subreaper) the kernel hands the master every
@@ -626,7 +707,7 @@ class Supervisor:
         if self.phase is not Phase.STOPPING:
             self._spawn_missing(ev.now)
 
-    def _on_crash(self, w: Worker, how: str, ev: WorkerExited) -> None:
+    def _on_crash(self, w: WorkerRecord, how: str, ev: WorkerExited) -> None:
         self.totals["crashes"] += 1
         self.pending_respawns += 1
         lived = ev.now - w.started
@@ -637,7 +718,7 @@ class Supervisor:
                                  f"replacing it{' (check the app: it may crash the interpreter)' if signaled else ''}")  # noqa: E501
         self._backoff(ev.now)
 
-    def _on_boot_error(self, w: Worker, how: str, now: float) -> None:
+    def _on_boot_error(self, w: WorkerRecord, how: str, now: float) -> None:
         text = w.boot_error or f"the worker {how} before it was ready"
         if self.phase is Phase.STARTING:
             self._startup_failed(text, now)
@@ -664,9 +745,15 @@ class Supervisor:
         self._stop(now=True, at=now)
         self._emit(ReportReady(False, text))
 
+    def _on_pidfile_failed(self, ev: PidfileFailed) -> None:
+        self.exit_code = 1
+        self._log(logging.ERROR, f"{ev.error}: stopping")
+        self._stop(now=True, at=ev.now)
+
     # -- stopping workers ----------------------------------------------------------------
 
-    def _stop_worker(self, w: Worker, reason: str, sig: int, grace: float, now: float) -> None:
+    def _stop_worker(self, w: WorkerRecord, reason: str, sig: int, grace: float,
+                     now: float) -> None:
         if w.stop_reason is not None and sig not in (signal.SIGKILL, signal.SIGINT):
             return
         if w.stop_reason is None:
@@ -681,7 +768,7 @@ class Supervisor:
 
     # -- ticks: worker states, recovery, timeouts, sizing, escalation ------------------------
 
-    def _on_Tick(self, ev: Tick) -> None:
+    def _on_tick(self, ev: Tick) -> None:
         now = ev.now
         self.slots = ev.slots
         if self.phase is Phase.DRAINING and now >= self.draining_until:
@@ -786,7 +873,7 @@ class Supervisor:
         if self.totals["stuck"]:
             self._spawn_missing(now)
 
-    def _stop_hung_threaded(self, w: Worker, s: SlotView) -> None:
+    def _stop_hung_threaded(self, w: WorkerRecord, s: SlotView) -> None:
         """A threaded worker with a hung request: its other threads get graceful_timeout to
         finish their requests (it stops accepting at once), then it is killed."""
         self._log(logging.WARNING, f"{w.name()}: {s.in_flight - 1} other request(s) in flight "
@@ -796,7 +883,7 @@ class Supervisor:
         self._emit(Signal(w.pid, signal.SIGTERM))
         w.kill_at += self.cfg.graceful_timeout
 
-    def _kill_when_only_hung_left(self, w: Worker, s: SlotView, now: float) -> None:
+    def _kill_when_only_hung_left(self, w: WorkerRecord, s: SlotView, now: float) -> None:
         """Once the other requests of a timed-out threaded worker are done (and its stacks
         had STACK_GRACE to be written), waiting longer serves no one."""
         grace_left = w.kill_at - self.cfg.graceful_timeout
@@ -818,7 +905,7 @@ class Supervisor:
 
     # -- memory samples ------------------------------------------------------------------
 
-    def _on_Sample(self, ev: Sample) -> None:
+    def _on_sample(self, ev: Sample) -> None:
         for pid, rss in ev.rss.items():
             w = self.workers.get(pid)
             if w is not None:
@@ -849,7 +936,7 @@ class Supervisor:
 
     # -- pool sizing ---------------------------------------------------------------------
 
-    def _on_ListenerReadable(self, ev: ListenerReadable) -> None:
+    def _on_listener_readable(self, ev: ListenerReadable) -> None:
         self.slots = ev.slots
         self._observe(ev.slots)
         self._emit(WatchListener(False))
@@ -926,7 +1013,7 @@ class Supervisor:
 
     # -- commands ------------------------------------------------------------------------
 
-    def _on_Command(self, ev: Command) -> None:
+    def _on_command(self, ev: Command) -> None:
         if ev.name == "stop":
             self._request_stop(bool(ev.args.get("now")), ev.now)
             drain = self.draining_until - ev.now if self.phase is Phase.DRAINING else 0.0
@@ -1037,7 +1124,7 @@ class Supervisor:
         self.reload.validating = True
         self._emit(Validate())
 
-    def _on_ValidationDone(self, ev: ValidationDone) -> None:
+    def _on_validation_done(self, ev: ValidationDone) -> None:
         if self.reload is None or not self.reload.validating:
             return
         self.reload.validating = False
@@ -1050,7 +1137,7 @@ class Supervisor:
         self._log(logging.ERROR, f"reload refused, the old workers keep serving:\n{text}")
         self._end_reload(False, f"reload refused, old workers keep serving:\n{text}")
 
-    def _on_ReExecFailed(self, ev: ReExecFailed) -> None:
+    def _on_re_exec_failed(self, ev: ReExecFailed) -> None:
         if self.reload is None:
             return
         self._log(logging.ERROR, f"reload: cannot re-execute the master: {ev.error}; old "
@@ -1102,3 +1189,34 @@ class Supervisor:
             self._refuse_reload(f"importing the app took longer than {READY_TIMEOUT:.0f} s")
         elif self.reload.old_generation:
             self._fail_reload("the new workers did not become ready in time", now)
+
+
+# -- the dispatch table -------------------------------------------------------------------
+
+_E = TypeVar("_E")
+Handler = Callable[[Supervisor, Any], None]
+
+
+def _row(kind: Type[_E], handler: Callable[[Supervisor, _E], None]) -> Tuple[type, Handler]:
+    """One entry of :data:`HANDLERS`: the checker sees that ``handler`` takes ``kind``."""
+    return kind, handler
+
+
+# Every member of ``Event`` has one (tests/test_supervisor.py checks it).
+HANDLERS: Dict[type, Handler] = dict([
+    _row(Started, Supervisor._on_started),
+    _row(Spawned, Supervisor._on_spawned),
+    _row(SpawnFailed, Supervisor._on_spawn_failed),
+    _row(WorkerReady, Supervisor._on_worker_ready),
+    _row(WorkerLeaving, Supervisor._on_worker_leaving),
+    _row(WorkerBootError, Supervisor._on_worker_boot_error),
+    _row(WorkerExited, Supervisor._on_worker_exited),
+    _row(Tick, Supervisor._on_tick),
+    _row(ListenerReadable, Supervisor._on_listener_readable),
+    _row(Sample, Supervisor._on_sample),
+    _row(Command, Supervisor._on_command),
+    _row(ValidationDone, Supervisor._on_validation_done),
+    _row(ReExecFailed, Supervisor._on_re_exec_failed),
+    _row(Resumed, Supervisor._on_resumed),
+    _row(PidfileFailed, Supervisor._on_pidfile_failed),
+])

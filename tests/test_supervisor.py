@@ -9,6 +9,7 @@ phase change raises, so every sequence here also proves the transition tables ho
 from __future__ import annotations
 
 import signal
+import typing
 from typing import Any, Dict, List, Optional, Type
 
 import pytest
@@ -319,10 +320,10 @@ def test_a_slow_request_dumps_its_stack_once() -> None:
 def _resumed(sim: Sim, generation: int = 1) -> sv.Supervisor:
     """What the re-executed master sees: the old workers adopted, idle and ready."""
     new = sv.Supervisor(sim.cfg, master_pid=1, max_slots=16, strict=True)
-    adopted = [sv.Worker(w.slot, w.pid, w.generation, w.started, WorkerState.IDLE)
-               for w in sim.sup.workers.values()]
-    new.resume(adopted, generation, ["cli"], sim.now)
+    adopted = tuple(sv.AdoptedWorker(w.slot, w.pid, w.generation, w.started, True, w.id)
+                    for w in sim.sup.workers.values())
     sim.sup = new
+    sim.feed(sv.Resumed(adopted, generation, ("cli",), sim.now))
     return new
 
 
@@ -673,3 +674,50 @@ def test_illegal_moves_are_logged_as_bugs_when_not_strict() -> None:
     sup._set_state(sup.workers[7], WorkerState.BUSY, "test")  # starting -> busy: illegal
     out = sup.handle(sv.Tick(2.0))
     assert logged(out, "bug: illegal transition worker 1 (pid 7): starting -> busy")
+
+
+def test_every_event_has_one_handler_and_anything_else_is_refused() -> None:
+    assert set(typing.get_args(sv.Event)) == set(sv.HANDLERS)
+    sup = sv.Supervisor(WorkersConfig(count=1), master_pid=1, max_slots=4, strict=True)
+    with pytest.raises(TypeError, match="not a supervisor event"):
+        sup.handle(sv.Spawn(0, 1))  # type: ignore[arg-type]  # an action is no event
+
+
+# -- what the shell tells the supervisor instead of writing its state -------------------------
+
+
+def test_a_resumed_image_adopts_workers_totals_and_waiters_in_reloading() -> None:
+    cfg = WorkersConfig(count=2)
+    sup = sv.Supervisor(cfg, master_pid=1, max_slots=16, strict=True)
+    adopted = (sv.AdoptedWorker(0, 501, 3, 10.0, True, 1),
+               sv.AdoptedWorker(1, 502, 3, 11.0, False, 2),
+               sv.AdoptedWorker(2, 503, 3, 12.0, True, 3, stop_reason="max_requests",
+                                kill_at=40.0))
+    sup.handle(sv.Resumed(adopted, 3, ("cli",), 20.0, totals={"crashes": 4, "gone": 9},
+                          max_queue=7))
+    assert sup.phase is sv.Phase.RELOADING and sup.generation == 4
+    assert [sup.workers[pid].state for pid in (501, 502, 503)] == [
+        WorkerState.IDLE, WorkerState.STARTING, WorkerState.STOPPING]
+    assert sup.workers[503].stop_reason == "max_requests" and sup.workers[503].kill_at == 40.0
+    assert sup.totals["crashes"] == 4 and "gone" not in sup.totals and sup.max_queue == 7
+    assert sup.reload is not None and sup.reload.waiters == ["cli"]
+    out = sup.handle(sv.Started(20.0))
+    assert [(s.slot, s.generation) for s in of(sv.Spawn, out)] == [(3, 4), (4, 4)]
+
+
+def test_resuming_after_the_start_is_a_bug() -> None:
+    sim = Sim(count=1)
+    sim.running()
+    with pytest.raises(sv.IllegalTransition, match="resumed after the start"):
+        sim.feed(sv.Resumed((), 1, (), sim.now))
+
+
+def test_a_pidfile_that_cannot_be_written_stops_the_master_with_exit_1() -> None:
+    sim = Sim(count=2)
+    pids = sim.running()
+    out = sim.feed(sv.PidfileFailed("cannot write the pidfile /run/x.pid: Permission denied",
+                                    sim.now))
+    assert logged(out, "cannot write the pidfile /run/x.pid: Permission denied: stopping")
+    assert sim.sup.phase is sv.Phase.STOPPING and signals(out, signal.SIGINT) == pids
+    sim.exit(pids[0])
+    assert of(sv.Exit, sim.exit(pids[1])) == [sv.Exit(1)]
