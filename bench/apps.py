@@ -14,6 +14,8 @@ does no work beyond what the server itself asks of it.
 - ``wait``: waits 1 s, so that every request of a load is waiting at the same moment (the
   memory a pool needs to hold that many, ``bench/threads.py``).
 - ``mixed``: ``hello``, except ``.../slow`` which takes a second (``headofline.py``).
+- ``boom``: raises on every request, with a message of two lines, so that each request
+  logs a traceback (``error_flood.py``: what the master costs under an error flood).
 """
 
 from __future__ import annotations
@@ -100,3 +102,8 @@ def mixed(environ: dict, start_response: StartResponse) -> Iterable[bytes]:
     if environ.get("PATH_INFO", "").endswith("/slow"):
         time.sleep(SLOW_SECONDS)
     return _respond(start_response, HELLO_BODY, "text/plain")
+
+
+def boom(environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+    """Fails every time: the worker logs the traceback and answers 500."""
+    raise RuntimeError("boom\r\nforged line: " + environ.get("PATH_INFO", ""))
