@@ -17,15 +17,17 @@ empty pipe and exit status 0 mean the reload may go ahead.
 
 from __future__ import annotations
 
+import errno
 import os
 import selectors
 import signal
+import stat
 import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
-from . import fdutil, limits, logs, notify, outpipe, procctl, proctitle, sockets
+from . import fdutil, fsafe, limits, logs, notify, outpipe, procctl, proctitle, sockets
 from . import status as status_mod
 from .appload import load_app, prepare_import, run_post_fork
 from .codes import EXIT_BOOT_ERROR
@@ -70,6 +72,25 @@ def leave_master(master: MasterFds) -> None:
         close_quietly(fd)
     if master.log_handler is not None:
         master.log_handler.close()
+
+
+def _log_file_opener(path: str) -> Optional[Callable[[], int]]:
+    """How a worker opens ``manager.log`` to write its lines to it itself, or None when the
+    log is the master's stderr. Called before the worker drops privileges, so the file's
+    owner (the master's user) is trusted as the master trusts it; anything but a regular
+    file (a terminal, a pipe behind ``/dev/stdout``) is refused: the master relays those
+    lines, where a writer that blocks cannot hold up a request."""
+    if path in ("", "-"):
+        return None
+    owners = (os.geteuid(),)
+
+    def open_log() -> int:
+        fd = fsafe.open_append(path, owners=owners, create=False)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        return fd
+    return open_log
 
 
 def _run_child(body: Callable[[], int]) -> None:  # pragma: no cover - runs in the child
@@ -152,9 +173,13 @@ def _worker_main(setup: WorkerSetup, slot: int, out_w: int, note_w: int, max_req
     if setup.listener.fileno() != 0:
         os.dup2(devnull, 0)
     os.close(devnull)
-    output = outpipe.install(1)  # never blocks on the master (see outpipe.py)
-    logs.setup_worker(setup.cfg.manager.log_level, setup.cfg.manager.log_format)
     worker_id = setup.board.worker_id(slot)  # its predecessor's id (the master chose it)
+    json_lines, pid = setup.cfg.manager.log_format == "json", os.getpid()
+    # Never blocks on the master (see outpipe.py); to a log file, without the master.
+    output = outpipe.install(
+        1, open_log=_log_file_opener(setup.cfg.manager.log), epoch=setup.board.log_epoch,
+        tag=lambda lines: logs.worker_lines(json_lines, worker_id, pid, lines))
+    logs.setup_worker(setup.cfg.manager.log_level, setup.cfg.manager.log_format)
     proctitle.set_worker(worker_id, proctitle.title_name(setup.cfg))
     limits.apply(setup.cfg.manager)  # before the drop (a hard limit needs root) and the app
     setup.user.drop()

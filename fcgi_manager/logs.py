@@ -29,7 +29,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO
 
 from . import fsafe
 from .escaping import escape
@@ -177,12 +177,7 @@ class ReopenableHandler(logging.Handler):
                     f"{self.lost} log line(s) were lost while writing failed "
                     f"({self.failing})\n").encode() + data
         try:
-            fd = stream.fileno()
-            n = os.write(fd, data)
-            if n < len(data):
-                end = os.lseek(fd, 0, os.SEEK_END)
-                os.ftruncate(fd, end - n)
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            append_whole(stream.fileno(), data)
         except (OSError, ValueError) as exc:
             code = getattr(exc, "errno", None)
             self.failing = (f"{errno.errorcode.get(code, 'error')} on {self.path}"
@@ -269,13 +264,31 @@ def setup_worker(level: str, log_format: str = "text") -> None:
     logging.raiseExceptions = False
 
 
+def append_whole(fd: int, data: bytes) -> None:
+    """Append ``data`` (whole lines) to the ``O_APPEND`` file ``fd`` with one ``write``, so
+    that lines of other writers of the same file (the master, the other workers) never
+    land inside them. A short write (disk full) is cut off again, so the file never holds
+    a fragment, and raises OSError(ENOSPC)."""
+    n = os.write(fd, data)
+    if n < len(data):
+        end = os.lseek(fd, 0, os.SEEK_END)
+        os.ftruncate(fd, end - n)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def worker_lines(json_lines: bool, worker_id: int, pid: int, lines: List[str]) -> str:
+    """Lines of a worker's output as the log shows them, each tagged, escaped and ended
+    with a newline: the master writes them so for what it relays, a worker for what it
+    writes to the log file itself (outpipe.FileLineWriter), so both read the same."""
+    if json_lines:
+        return "".join(worker_json_line(worker_id, pid, line) + "\n" for line in lines)
+    prefix = f"{time.strftime('%Y-%m-%d %H:%M:%S')} [worker {worker_id} pid {pid}] "
+    return "".join(prefix + escape(line) + "\n" for line in lines)
+
+
 def worker_line(handler: ReopenableHandler, worker_id: int, pid: int, line: str) -> None:
     """Write one captured line of a worker's output, tagged."""
-    if handler.json:
-        handler.write_line(worker_json_line(worker_id, pid, line))
-        return
-    ts = time.strftime("%Y-%m-%d %H:%M:%S")
-    handler.write_line(f"{ts} [worker {worker_id} pid {pid}] {escape(line)}")
+    handler.write_line(worker_lines(handler.json, worker_id, pid, [line])[:-1])
 
 
 def worker_json_line(worker_id: int, pid: int, line: str) -> str:

@@ -432,6 +432,8 @@ class Master:
             log.info("reopened the log file %s", self.cfg.manager.log)
             if self.cfg.manager.access_log:
                 self._prepare_access_log()
+            if self.cfg.manager.access_log or self.cfg.manager.log not in ("", "-"):
+                # Workers write both files themselves (a log file: outpipe.FileLineWriter).
                 self.board.bump_log_epoch()
                 # Busy workers reopen at their next write; idle ones now (the signal only
                 # wakes their loop), so a rotated file is not held open by a quiet worker.

@@ -21,7 +21,9 @@ from __future__ import annotations
 import io
 import os
 import threading
-from typing import Callable, Optional
+from typing import Callable, List, Optional
+
+from .logs import append_whole
 
 MAX_QUEUED = 256 * 1024  # bytes of complete lines kept while the master does not read
 CHUNK = 65536
@@ -121,9 +123,85 @@ class LineWriter(io.TextIOBase):
             del out[:n]
 
 
-def install(out_fd: int) -> LineWriter:
+class FileLineWriter(LineWriter):
+    """``sys.stdout``/``sys.stderr`` of a worker when the log is a regular file: complete
+    lines go to the file itself, tagged and escaped as the master would write them, one
+    ``write`` per call on the worker's own ``O_APPEND`` descriptor.
+
+    Why: relaying costs the master a read, a split, a format and a write per line; under
+    an error flood (a traceback per request) that was a fifth of a core, and a master
+    stopped or slow held up every worker's log. An ``O_APPEND`` write of whole lines is
+    placed whole at the end of the file whoever else appends, so the workers and the
+    master share the file without a relay. fd 1 and 2 still lead to the master's pipe (for
+    child processes and faulthandler), and so do the lines written while the file cannot
+    be opened (the worker's user may not open the master's file again after a rotation):
+    then this is a :class:`LineWriter` again.
+
+    Reopening follows the master's log epoch (scoreboard), read before every write, and
+    :meth:`follow_epoch` from the worker's loop when the master's ``SIGUSR1`` wakes it.
+    Lines the file does not take (disk full) go to the master's pipe instead: the master
+    writes them when it can, counts the ones it cannot and shows why in ``status``, for
+    the workers' lines as for its own."""
+
+    def __init__(self, pipe_fd: int, open_log: Callable[[], int], epoch: Callable[[], int],
+                 tag: Callable[[List[str]], str]) -> None:
+        super().__init__(pipe_fd)
+        self._open_log = open_log
+        self._epoch = epoch
+        self._tag = tag  # complete lines -> the text the log shows for them
+        self.epoch = epoch()
+        self.log_fd = self._try_open()
+
+    def _try_open(self) -> int:
+        try:
+            return self._open_log()
+        except OSError:  # the master relays our lines instead (fd -1: the pipe)
+            return -1
+
+    def follow_epoch(self) -> None:
+        """Reopen the log file if the master reopened its own (``reopen-logs``)."""
+        if self._epoch() != self.epoch:
+            with self._lock:
+                self._reopen()
+
+    def _reopen(self) -> None:
+        self.epoch = self._epoch()
+        old, self.log_fd = self.log_fd, self._try_open()
+        if old >= 0:
+            os.close(old)
+
+    def write(self, text: str) -> int:
+        if self._epoch() != self.epoch:
+            self.follow_epoch()
+        with self._lock:
+            if self.log_fd >= 0:
+                if "\n" not in text:
+                    self._partial += text
+                    if len(self._partial) > CHUNK:  # a line without end: in pieces
+                        self._append([self._partial])
+                        self._partial = ""
+                    return len(text)
+                head, _, tail = text.rpartition("\n")
+                lines, self._partial = (self._partial + head).split("\n"), tail
+                self._append(lines)
+                return len(text)
+        return super().write(text)  # no file: through the master, as a LineWriter
+
+    def _append(self, lines: List[str]) -> None:
+        text = self._tag([line[:-1] if line.endswith("\r") else line for line in lines])
+        try:
+            append_whole(self.log_fd, text.encode("utf-8", "replace"))
+        except OSError:  # disk full: the master tries them, counts them and says so
+            self._queue("\n".join(lines) + "\n")
+            self._drain()
+
+
+def install(out_fd: int, open_log: Optional[Callable[[], int]] = None,
+            epoch: Optional[Callable[[], int]] = None,
+            tag: Optional[Callable[[List[str]], str]] = None) -> LineWriter:
     """Point ``sys.stdout`` and ``sys.stderr`` at a :class:`LineWriter` on the pipe that fd
-    ``out_fd`` (already dup'ed to 1 and 2) writes to."""
+    ``out_fd`` (already dup'ed to 1 and 2) writes to; with ``open_log`` (which opens the log
+    file, OSError if it cannot), ``epoch`` and ``tag``, at a :class:`FileLineWriter`."""
     import sys
 
     try:
@@ -131,6 +209,7 @@ def install(out_fd: int) -> LineWriter:
     except OSError:  # no /proc: the shared description goes non-blocking instead
         fd = os.dup(out_fd)
         os.set_blocking(fd, False)
-    writer = LineWriter(fd)
+    writer = (LineWriter(fd) if open_log is None or epoch is None or tag is None
+              else FileLineWriter(fd, open_log, epoch, tag))
     sys.stdout = sys.stderr = writer
     return writer

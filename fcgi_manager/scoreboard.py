@@ -266,6 +266,11 @@ class Scoreboard:
         """Ask every worker to reopen its log files (logrotate moved them)."""
         self.mem[LOG_EPOCH_OFF] = (self.mem[LOG_EPOCH_OFF] + 1) & 0xFF
 
+    def log_epoch(self) -> int:
+        """The log-reopen counter (a worker's log file writer follows it from its start,
+        before it has a slot writer)."""
+        return self.mem[LOG_EPOCH_OFF]
+
     # -- thread entries (workers.threads > 1) --------------------------------------------
 
     def reserve_threads(self, slot: int, count: int) -> None:

@@ -19,7 +19,7 @@ import time
 from types import FrameType
 from typing import Any, Optional
 
-from . import accesslog, notify
+from . import accesslog, notify, outpipe
 from .codes import EXIT_BOOT_ERROR as EXIT_BOOT_ERROR
 from .codes import EXIT_OK as EXIT_OK
 from .codes import EXIT_RECYCLE_MEMORY as EXIT_RECYCLE_MEMORY
@@ -134,8 +134,11 @@ class WorkerLife:
         self.reopen_if_asked()
 
     def reopen_if_asked(self) -> None:
-        """Reopen the access log now if the master asked (its log epoch moved): an idle
+        """Reopen the log files now if the master asked (its log epoch moved): an idle
         worker must not keep a rotated file open (its space is not freed)."""
+        output = sys.stderr
+        if isinstance(output, outpipe.FileLineWriter):
+            output.follow_epoch()
         access = self.access
         if access is None or access.epoch == self.slot.log_epoch():
             return

@@ -9,12 +9,14 @@ import collections
 import os
 import resource
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from support import connect_fcgi, fcgi_request, wait_for
+from support import ProcessTracker, _child_env, connect_fcgi, fcgi_request, wait_for
 
 APP = "threads_app:app"
 
@@ -137,9 +139,29 @@ def test_a_stopped_master_during_an_error_flood_kills_no_worker(make_manager: An
     """Workers never wait for the master to read their output: with the master stopped
     for three times workers.timeout while they write tracebacks, every request is answered
     and no worker is killed when it resumes (it killed every busy one: their stacks were
-    inside ``logging``). The lines that did not fit are counted and said, never torn."""
-    manager = make_manager(APP, count=2, workers={"timeout": 2})
-    manager.start()
+    inside ``logging``). The lines that did not fit are counted and said, never torn.
+    The log is the master's stderr, so the workers' lines go through its pipe (to a log
+    file they write themselves: test_log_direct.py)."""
+    manager = make_manager(APP, count=2, workers={"timeout": 2}, manager={"log": "-"})
+    manager.log = manager.tmp / "stderr.log"
+    tracker = ProcessTracker()
+    with open(manager.log, "wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "fcgi_manager", "-c",
+                                 str(manager.config), "start", "--foreground"],
+                                cwd=str(manager.tmp), env=_child_env(),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=stderr)
+    tracker.add(proc.pid)
+    try:
+        wait_for(lambda: manager.status_code() == 0, 30, "the foreground master")
+        _stopped_master_flood(manager)
+        manager.stop()
+        proc.wait(timeout=30)
+    finally:
+        tracker.kill_all()
+
+
+def _stopped_master_flood(manager: Any) -> None:
     master = manager.pid()
     codes: collections.Counter = collections.Counter()
     os.kill(master, signal.SIGSTOP)
