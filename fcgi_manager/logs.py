@@ -4,6 +4,9 @@ Master lines read ``2026-11-25 12:00:00 [master 1234] INFO: message``. Workers l
 their stderr, which the master reads line by line and writes as
 ``2026-11-25 12:00:00 [worker 3 pid 1240] ERROR: message`` -- the same tag for the app's
 own prints, ``wsgi.errors`` and stack dumps, so ``grep 'worker 3'`` finds everything.
+When the log is a file, a worker writes its own lines to it in that same form
+(:func:`worker_lines`, ``outpipe.FileLineWriter``) and the master relays only what comes
+through fd 1 and 2 (child processes, stack dumps), so an error flood costs it nothing.
 
 With ``[manager] log_format = "json"`` every line is one JSON object instead::
 
