@@ -162,7 +162,8 @@ class FileLineWriter(LineWriter):
         """Reopen the log file if the master reopened its own (``reopen-logs``)."""
         if self._epoch() != self.epoch:
             with self._lock:
-                self._reopen()
+                if self._epoch() != self.epoch:  # not done by another thread meanwhile
+                    self._reopen()
 
     def _reopen(self) -> None:
         self.epoch = self._epoch()
