@@ -44,6 +44,7 @@ from . import (
     kinship,
     logs,
     notify,
+    procctl,
     proctitle,
     sockets,
 )
@@ -818,13 +819,7 @@ class Master:
                 return
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in procctl.exited_children():
             if self.validation is not None and pid == self.validation.pid:
                 self.validation.status = status
                 self._validation_done()

@@ -601,13 +601,7 @@ class PoolParent:
         self.say(text, out.name)
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in procctl.exited_children():
             name = self.by_pid.pop(pid, None)
             app = self.apps.get(name or "")
             if app is None or app.pid != pid:

@@ -8,8 +8,9 @@ every worker instead of costing each ~0.6 MiB of private memory.
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, Tuple
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
@@ -54,3 +55,18 @@ def set_name(name: str) -> bool:
     import ctypes  # already loaded by _load_libc
 
     return _LIBC.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:COMM_MAX]), 0, 0, 0) == 0
+
+
+def exited_children() -> Iterator[Tuple[int, int]]:
+    """Reap every child that has exited, without blocking: ``(pid, wait status)`` each.
+
+    The master, the pool parent and the zygote are all subreapers of something, so each
+    reaps with ``waitpid(-1)`` in its loop: one loop, written once."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status

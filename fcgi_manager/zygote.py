@@ -48,6 +48,7 @@ import time
 import traceback
 from typing import Any, Callable, List, Tuple
 
+from . import procctl
 from .errors import AppImportError, FcgiManagerError
 
 SPAWN_TIMEOUT = 5.0  # a fork takes milliseconds: past this the zygote is hung or stopped
@@ -339,13 +340,8 @@ def _await_reparenting(master_pid: int, limit: float = 5.0) -> None:
 
 def _reap_quietly() -> None:
     """Reap children of the zygote other than the intermediates (the app's own)."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+    for _ in procctl.exited_children():
+        pass
 
 
 def new_zygote_wanted(preload: bool, app_given: bool, user: Any) -> bool:

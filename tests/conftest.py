@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, FrozenSet, Iterator, List, Optional, Tuple
 
@@ -14,7 +16,16 @@ TESTS = str(Path(__file__).resolve().parent)
 if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
 
-from support import PROGRAMS, Manager, Nginx, ended_early, find_program, in_ci  # noqa: E402
+from support import (  # noqa: E402
+    PROGRAMS,
+    Manager,
+    Nginx,
+    ProcessTracker,
+    ended_early,
+    find_program,
+    in_ci,
+    need_root,
+)
 
 # Every master the suite starts inherits this: an illegal worker-state or phase change in
 # the supervisor raises (a bug) instead of being logged, so each test that drives a master
@@ -167,3 +178,24 @@ def worker(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     yield start
     for w in started:
         w.stop()
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A sticky directory (like /tmp) the unprivileged user can read and write in:
+    pytest's tmp_path is root-only, and fcgi-manager refuses 0777 without the sticky bit."""
+    need_root("dropping privileges needs root")
+    path = Path(tempfile.mkdtemp(prefix="fcgi-shared-"))
+    path.chmod(0o1777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def tracker() -> Iterator[ProcessTracker]:
+    """Processes a test starts by hand (decoys, a fake master): killed by PID at the end."""
+    t = ProcessTracker()
+    yield t
+    t.kill_all()

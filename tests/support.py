@@ -47,6 +47,15 @@ def in_ci() -> bool:
     return os.environ.get("CI") == "true"
 
 
+def need_root(why: str = "needs root") -> None:
+    """Skip a test that needs root when run by hand as another user; CI runs as root, so
+    there it fails instead (CI can never go green by skipping)."""
+    if os.geteuid() != 0:
+        if in_ci():
+            pytest.fail(f"CI runs as root: this test must run ({why})")
+        pytest.skip(why)  # by hand only: CI failed above
+
+
 # The programs the suite can drive, and what each turns on: the README's test section and
 # the hidden-programs step of .ci/run list the same.
 PROGRAMS = {
@@ -801,6 +810,7 @@ http {{
 
 
 __all__ = [
+    "need_root",
     "APPS", "CLIResult", "FcgiReply", "GiveUp", "HTTPResponse", "Manager", "Nginx",
     "ProcessTracker", "ROOT", "cgi_params", "connect_fcgi", "fcgi_manager", "fcgi_pairs",
     "fcgi_record", "fcgi_request", "fcgi_request_bytes", "free_port", "has_ipv6_loopback",

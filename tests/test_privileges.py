@@ -8,20 +8,15 @@ as root, so there it always runs).
 from __future__ import annotations
 
 import json
-import os
 import pwd
-import shutil
 import socket
 import stat
-import tempfile
 import textwrap
 from pathlib import Path
-from typing import Iterator
 
 import psutil
-import pytest
 
-from tests.support import fcgi_manager, fcgi_request, free_port, in_ci, wait_for
+from tests.support import fcgi_manager, fcgi_request, free_port, wait_for
 
 APP = textwrap.dedent('''
     import json
@@ -42,20 +37,6 @@ APP = textwrap.dedent('''
         return [body]
 ''')
 
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory the unprivileged user can read (pytest's tmp_path is root-only)."""
-    if os.geteuid() != 0:
-        if in_ci():
-            pytest.fail("CI runs as root: privilege tests must run")
-        pytest.skip("dropping privileges needs root")  # by hand only: CI failed above
-    path = Path(tempfile.mkdtemp(prefix="fcgi-priv-"))
-    path.chmod(0o1777)  # sticky, like /tmp: fcgi-manager refuses 0777 without it
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _start(d: Path, extra: str) -> None:

@@ -15,16 +15,14 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 from pathlib import Path
-from typing import Callable, Iterator, List
+from typing import Callable, List
 
 import psutil
 import pytest
@@ -38,7 +36,7 @@ from support import (
     fcgi_request,
     fcgi_request_bytes,
     free_port,
-    in_ci,
+    need_root,
     pid_alive,
     read_fcgi_records,
     render_toml,
@@ -48,31 +46,7 @@ from support import (
 MakeManager = Callable[..., Manager]
 
 
-def _need_root() -> None:
-    if os.geteuid() != 0:
-        if in_ci():
-            pytest.fail("CI runs as root: the security tests must run")
-        pytest.skip("needs root")  # by hand only: CI failed above
 
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A sticky directory ``nobody`` can write to (pytest's tmp_path is root-only)."""
-    _need_root()
-    path = Path(tempfile.mkdtemp(prefix="fcgi-sec-"))
-    path.chmod(0o1777)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def tracker() -> Iterator[ProcessTracker]:
-    """Processes a test starts by hand (decoys, a fake master): killed by PID at the end."""
-    t = ProcessTracker()
-    yield t
-    t.kill_all()
 
 
 def _spawn(tracker: ProcessTracker, argv: List[str]) -> subprocess.Popen:
@@ -201,7 +175,7 @@ def test_check_imports_the_app_without_root(shared_dir: Path) -> None:
 
 def test_root_without_user_is_said_by_start_check_and_status(make_manager: MakeManager
                                                               ) -> None:
-    _need_root()
+    need_root()
     m = make_manager("hello:app", count=1)
     out = m.start()
     assert "workers run as root" in out.stdout, out
@@ -217,7 +191,7 @@ def test_root_without_user_is_said_by_start_check_and_status(make_manager: MakeM
 def test_manager_user_root_is_no_drop(make_manager: MakeManager, preload: bool) -> None:
     """``manager.user = "root"`` (an explicit choice) starts and serves: there is nothing
     to drop to, so it is the same as no manager.user."""
-    _need_root()
+    need_root()
     m = make_manager("hello:app", count=1, app={"preload": preload},
                      manager={"user": "root", "group": "root"})
     m.start()
@@ -313,7 +287,7 @@ def test_pidfile_written_by_another_user_is_not_believed(make_manager: MakeManag
                                                         tracker: ProcessTracker) -> None:
     """The app's user, if it can write the pidfile's directory, could name any process
     with its exact start time: a pidfile root or we did not write proves nothing."""
-    _need_root()
+    need_root()
     m = make_manager("hello:app", count=1)
     victim = _spawn(tracker, DECOYS["sleep"])
     wait_for(lambda: pid_alive(victim.pid), 10, "the decoy")
@@ -529,7 +503,7 @@ def test_world_writable_directory_is_refused(make_manager: MakeManager, tmp_path
 def test_log_symlink_is_not_followed(make_manager: MakeManager, tmp_path: Path) -> None:
     """A link at the log's path that root did not make (the app's user may write the
     log's directory) is refused: root never appends through it."""
-    _need_root()
+    need_root()
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     m = make_manager("hello:app", count=1)

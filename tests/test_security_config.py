@@ -15,16 +15,14 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import shutil
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 from pathlib import Path
-from typing import Callable, Iterator, List
+from typing import Callable, List
 
 import psutil
 import pytest
@@ -48,31 +46,7 @@ FORGED = "2026-01-01 00:00:00 [master 1] ERROR: forged"
 CONTROLS = {chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)]} | {"\u2028", "\u202e"}
 
 
-def _need_root() -> None:
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI runs as root: the security tests must run")
-        pytest.skip("needs root")  # by hand only: CI failed above
 
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A sticky directory ``nobody`` can write to (pytest's tmp_path is root-only)."""
-    _need_root()
-    path = Path(tempfile.mkdtemp(prefix="fcgi-secc-"))
-    path.chmod(0o1777)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def tracker() -> Iterator[ProcessTracker]:
-    """Processes a test starts by hand: killed by PID at the end."""
-    t = ProcessTracker()
-    yield t
-    t.kill_all()
 
 
 def _nobody() -> pwd.struct_passwd:

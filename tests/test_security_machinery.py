@@ -9,46 +9,27 @@ the ``manager.user`` ones; outside CI a non-root run skips them (CI runs as root
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, List
+from typing import List
 
-import pytest
 from support import (
     Manager,
     cgi_params,
     connect_fcgi,
     fcgi_request,
     fcgi_request_bytes,
-    in_ci,
     pid_alive,
     read_fcgi_records,
     wait_for,
 )
 
 from fcgi_manager import control
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory the unprivileged user can read and write in (sticky, like /tmp)."""
-    if os.geteuid() != 0:
-        if in_ci():
-            pytest.fail("CI runs as root: these tests must run")
-        pytest.skip("manager.user needs root")  # by hand only: CI failed above
-    path = Path(tempfile.mkdtemp(prefix="fcgi-secm-"))
-    path.chmod(0o1777)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _manager(d: Path, module: str, **sections: dict) -> Manager:
