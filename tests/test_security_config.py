@@ -1,5 +1,5 @@
-"""Safe to run as root: regression tests for the third round's security rows about the
-config, the registry, log files, escaping and the pidfile (issue 20, rows 1, 5, 6, 8-12).
+"""Safe to run as root: regression tests for the attacks on the
+config, the registry, log files, escaping and the pidfile (README, Security).
 
 Each test reproduces the attack through the real CLI (or the function that failed) and
 checks that it fails now: a reload re-reads the config with the environment the master

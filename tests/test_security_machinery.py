@@ -1,4 +1,4 @@
-"""The machinery against its own app (issue 20): the zygote, the hand-off channel and the
+"""The machinery against its own app: the zygote, the hand-off channel and the
 preloading reload, attacked by app code that runs as ``manager.user``.
 
 Each test plays the attacker's part in the app (tests write the app into a directory the

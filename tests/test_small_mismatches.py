@@ -1,4 +1,4 @@
-"""Issue 26, item 10: the smaller mismatches between the README, ``--help`` and the code,
+"""The smaller mismatches between the README, ``--help`` and the code,
 each checked where a user meets it (the CLI, the README's text), one by one."""
 
 from __future__ import annotations
