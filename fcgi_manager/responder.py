@@ -140,7 +140,10 @@ class Responder:
                 return Need.APP
             elif kind is protocol.BeginRequest:
                 conn.request_id = ev.request_id
-                conn.deadline = time.monotonic() + self.read_timeout
+                if conn.last_used:  # a kept connection's next request: its own read time
+                    conn.deadline = time.monotonic() + self.read_timeout
+                # (a new connection's read time runs from its accept, so "the oldest
+                # unfinished" is the one connected first, whenever its bytes were read)
             elif kind is protocol.AbortRequest:
                 if conn.request_id == ev.request_id:
                     # Aborted before the app ran: end it without calling the app.
