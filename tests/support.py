@@ -47,6 +47,14 @@ def in_ci() -> bool:
     return os.environ.get("CI") == "true"
 
 
+def skip_or_fail(reason: str) -> None:
+    """Skip when run by hand on a machine that lacks what the test needs; fail with
+    CI=true, where the machine is known to have it (CI can never go green by skipping)."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: the CI machine must provide it)")
+    pytest.skip(reason)  # by hand only: CI failed above
+
+
 def need_root(why: str = "needs root") -> None:
     """Skip a test that needs root when run by hand as another user; CI runs as root, so
     there it fails instead (CI can never go green by skipping)."""
@@ -810,6 +818,7 @@ http {{
 
 
 __all__ = [
+    "skip_or_fail",
     "need_root",
     "APPS", "CLIResult", "FcgiReply", "GiveUp", "HTTPResponse", "Manager", "Nginx",
     "ProcessTracker", "ROOT", "cgi_params", "connect_fcgi", "fcgi_manager", "fcgi_pairs",

@@ -8,6 +8,7 @@ core is not built or not in use (``FCGI_MANAGER_PURE=1``): CI builds it.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
@@ -20,6 +21,9 @@ from fcgi_manager import protocol as cp
 from fcgi_manager import wsgi as cw
 
 if compiled.core() != "compiled":
+    if os.environ.get("CI") == "true" and not os.environ.get("FCGI_MANAGER_PURE"):
+        pytest.fail(f"CI=true builds the compiled core, but it does not run here "
+                    f"({compiled.reason()})", pytrace=False)
     pytest.skip(f"the compiled core does not run here ({compiled.reason()})",
                 allow_module_level=True)
 

@@ -34,6 +34,7 @@ from support import (
     pid_alive,
     read_fcgi_records,
     require_program,
+    skip_or_fail,
     wait_for,
 )
 
@@ -417,7 +418,7 @@ def test_stop_now_returns_within_five_seconds(make_manager: MakeManager) -> None
 def test_tcp_bind(make_manager: MakeManager, make_nginx: MakeNginx, family: str) -> None:
     if family == "tcp6" and not has_ipv6_loopback():
         # Not a missing program: a kernel without IPv6 cannot be fixed by CI's installs.
-        pytest.skip("this machine has no IPv6 loopback (::1); CI machines have one")
+        skip_or_fail("this machine has no IPv6 loopback (::1); CI machines have one")
     m = make_manager(count=1, bind=family)
     m.start()
     assert m.status()["listen"]["bind"] == m.bind

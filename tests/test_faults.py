@@ -16,7 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from support import ProcessTracker, _child_env, connect_fcgi, fcgi_request, wait_for
+from support import (
+    ProcessTracker,
+    _child_env,
+    connect_fcgi,
+    fcgi_request,
+    skip_or_fail,
+    wait_for,
+)
 
 APP = "threads_app:app"
 
@@ -258,7 +265,7 @@ def small_disk(tmp_path: Any) -> Any:
     if os.geteuid() != 0 or subprocess.run(
             ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(mnt)],
             capture_output=True).returncode != 0:
-        pytest.skip("needs root and mount(8) for a full disk")
+        skip_or_fail("needs root and mount(8) for a full disk")
     try:
         yield mnt
     finally:

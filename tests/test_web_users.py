@@ -24,6 +24,7 @@ from support import (
     _child_env,
     fcgi_manager,
     fcgi_request,
+    skip_or_fail,
     wait_for,
 )
 
@@ -34,9 +35,9 @@ def _www_data() -> None:
     try:
         pwd.getpwnam("www-data")
     except KeyError:
-        pytest.skip("no www-data user on this machine")
+        skip_or_fail("no www-data user on this machine")
     if os.geteuid() != 0:
-        pytest.skip("as a plain user the socket is the user's own; root's socket is the case")
+        skip_or_fail("as a plain user the socket is the user's own; root's socket is the case")
 
 
 @pytest.fixture

@@ -19,6 +19,8 @@ from typing import List
 
 import pytest
 
+from tests.support import skip_or_fail
+
 from .support import (
     EXAMPLES,
     ROOT,
@@ -117,7 +119,7 @@ def test_stock_nginx_as_www_data_in_front_of_app_toml(site: Site, procs: Procs) 
     """examples/app.toml as shipped, started by root, and nginx as Debian runs it."""
     require_program("nginx")
     if not is_root():
-        pytest.skip("nginx runs as www-data only when started by root")
+        skip_or_fail("nginx runs as www-data only when started by root")
     examples = site.work / "examples"
     examples.mkdir(mode=0o755)
     for name in ("app.toml", "hello.py"):
@@ -189,7 +191,7 @@ def test_lighttpd_bin_path_socket_in_a_directory_its_user_can_write(site: Site,
     its socket itself, so the socket's directory must be its user's."""
     require_program("lighttpd")
     if not is_root():
-        pytest.skip("lighttpd changes to www-data only when started by root")
+        skip_or_fail("lighttpd changes to www-data only when started by root")
     user = web_user()[0]
     python, env = python_for(user, site.work)
     # The .fcgi file as shipped; only the interpreter www-data can run is chosen for it.
