@@ -12,7 +12,7 @@ process the app forks there keeps whatever its parent held, exec or not.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Iterable, Optional
 
 _FALLBACK_MAX_FD = 65536
 
@@ -48,3 +48,15 @@ def close_all_but(keep: Iterable[int], lowest: int = 3) -> None:
         if fd > start:
             os.closerange(start, fd)
         start = fd + 1
+
+
+def read_pipe(fd: int, final: bool) -> Optional[bytes]:
+    """One read of a child's pipe: its bytes, ``b""`` at its end (EOF or an error), or
+    None when nothing is waiting now. ``final`` (the worker exited, its writer is gone):
+    an empty pipe counts as the end, so the caller drains what is left and stops."""
+    try:
+        return os.read(fd, 65536)
+    except BlockingIOError:
+        return b"" if final else None
+    except OSError:
+        return b""

@@ -773,7 +773,7 @@ class Master:
     def _read_output(self, io: WorkerIO, final: bool = False) -> None:
         """Log what the worker wrote, a line at a time; ``final``: all of it, it exited."""
         while io.out_fd >= 0:
-            data = _read_pipe(io.out_fd, final)
+            data = fdutil.read_pipe(io.out_fd, final)
             if data is None:
                 return
             if not data:
@@ -800,7 +800,7 @@ class Master:
     def _read_notify(self, io: WorkerIO, final: bool = False) -> None:
         """Frames from the notify pipe; ``final``: all of them, the worker exited."""
         while io.notify_fd >= 0:
-            data = _read_pipe(io.notify_fd, final)
+            data = fdutil.read_pipe(io.notify_fd, final)
             if data is None:
                 return
             if not data:
@@ -947,12 +947,9 @@ class Master:
         v = self.validation
         if v is None or v.fd < 0:
             return
-        try:
-            data = os.read(v.fd, 65536)
-        except BlockingIOError:
+        data = fdutil.read_pipe(v.fd, final=False)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if data:
             v.chunks.append(data)
             return
@@ -1094,15 +1091,3 @@ def _readable(sock: socket.socket) -> bool:
 
 
 __all__ = ["Master"]
-
-
-def _read_pipe(fd: int, final: bool) -> Optional[bytes]:
-    """One read of a worker's pipe: its bytes, ``b""`` at its end (EOF or an error), or
-    None when nothing is waiting now. ``final`` (the worker exited, its writer is gone):
-    an empty pipe counts as the end, so the caller drains what is left and stops."""
-    try:
-        return os.read(fd, 65536)
-    except BlockingIOError:
-        return b"" if final else None
-    except OSError:
-        return b""

@@ -573,12 +573,9 @@ class PoolParent:
 
     def _read_output(self, out: Output, final: bool = False) -> None:
         while True:
-            try:
-                data = os.read(out.fd, 65536)
-            except BlockingIOError:
+            data = fdutil.read_pipe(out.fd, final=False)
+            if data is None:
                 return
-            except OSError:
-                data = b""
             if not data:
                 if out.buf:
                     self._line(out, out.buf)
