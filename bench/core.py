@@ -42,7 +42,8 @@ if str(BENCH) not in sys.path:
 
 import apps  # noqa: E402
 
-from fcgi_manager import protocol, wsgi  # noqa: E402
+from fcgi_manager.wire import protocol  # noqa: E402
+from fcgi_manager.worker import wsgi  # noqa: E402
 
 POST_SIZE = 64 * 1024
 

@@ -42,7 +42,7 @@ for _path in (str(ROOT), str(BENCH)):
 
 from core import request_bytes  # noqa: E402
 
-from fcgi_manager import protocol  # noqa: E402
+from fcgi_manager.wire import protocol  # noqa: E402
 
 
 def one_request(sock_path: str, data: bytes) -> int:

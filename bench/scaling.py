@@ -34,8 +34,9 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fcgi_manager import client, control  # noqa: E402
+from fcgi_manager.cli import client  # noqa: E402
 from fcgi_manager.sockets import Address  # noqa: E402
+from fcgi_manager.wire import control  # noqa: E402
 
 APP = textwrap.dedent('''
     def app(environ, start_response):

@@ -49,8 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fcgi_manager import control, protocol  # noqa: E402
 from fcgi_manager.errors import ControlError  # noqa: E402
+from fcgi_manager.wire import control, protocol  # noqa: E402
 
 APP = '''"""The soak app: reads the body, makes some garbage, answers 4 KiB."""
 import hashlib

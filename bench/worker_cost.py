@@ -51,7 +51,7 @@ for path in (str(ROOT), str(BENCH)):
 from benchlib.syscalls import parse_summary  # noqa: E402
 from core import request_bytes  # noqa: E402
 
-from fcgi_manager import protocol  # noqa: E402
+from fcgi_manager.wire import protocol  # noqa: E402
 
 START_TIMEOUT = 120.0  # a Python server under valgrind takes a while to start
 BATCH = 16  # connections in flight at once, like wrk -c16 behind nginx

@@ -1,7 +1,7 @@
 """Which request core runs: the modules compiled from this package's source, or the source.
 
-The request core (``protocol``, ``wsgi``) may be installed twice in one directory: the
-``.py`` files, and beside them the extension modules mypyc built from those very files
+The request core (``wire.protocol``, ``worker.wsgi``) may be installed twice: the
+``.py`` files, and beside each the extension module mypyc built from that very file
 (``setup.py``). Python's import system prefers an extension, so the choice is made here,
 once, before either is imported (``fcgi_manager/__init__.py`` calls :func:`install`): the
 compiled core runs unless
@@ -18,6 +18,7 @@ says why mypyc and what it buys.
 
 from __future__ import annotations
 
+import importlib
 import importlib.machinery
 import importlib.util
 import os
@@ -26,8 +27,8 @@ from types import ModuleType
 from typing import Dict, Optional, Sequence
 
 PACKAGE = __name__.rpartition(".")[0]
-# In import order: wsgi imports protocol.
-MODULES = ("protocol", "wsgi")
+# In import order (wsgi imports protocol), as names under the package.
+MODULES = ("wire.protocol", "worker.wsgi")
 # The compiled code of all of them, one library (the modules above are thin shims into it).
 SHARED_LIB = "_core__mypyc"
 PURE_ENV = "FCGI_MANAGER_PURE"
@@ -48,14 +49,14 @@ def pure_requested() -> bool:
 def _extension(name: str) -> Optional[str]:
     """The path of the compiled module ``name`` beside its source, if one is there."""
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = os.path.join(_HERE, name + suffix)
+        path = os.path.join(_HERE, *name.split(".")) + suffix
         if os.path.exists(path):
             return path
     return None
 
 
 def _source(name: str) -> str:
-    return os.path.join(_HERE, name + ".py")
+    return os.path.join(_HERE, *name.split(".")) + ".py"
 
 
 def _decide() -> str:
@@ -77,7 +78,8 @@ def _decide() -> str:
             break
         try:
             if os.path.getmtime(_source(name)) > os.path.getmtime(ext) + STALE_AFTER:
-                _decision, _reason = "pure", f"{name}.py is newer than its compiled module"
+                _decision, _reason = "pure", (f"{os.path.relpath(_source(name), _HERE)} is "
+                                             "newer than its compiled module")
                 break
         except OSError:  # no source beside the extension: nothing to be stale against
             pass
@@ -89,7 +91,7 @@ class _PureFinder:
 
     def find_spec(self, fullname: str, path: Optional[Sequence[str]] = None,
                   target: Optional[ModuleType] = None) -> Optional[importlib.machinery.ModuleSpec]:
-        package, _, name = fullname.rpartition(".")
+        package, _, name = fullname.partition(".")
         if package != PACKAGE or name not in MODULES or _decide() != "pure":
             return None
         return importlib.util.spec_from_file_location(fullname, _source(name))
@@ -106,12 +108,12 @@ def install() -> None:
 
 def core() -> str:
     """``"compiled"`` or ``"pure"``: what this process runs (importing the core if needed)."""
-    __import__(f"{PACKAGE}.protocol")
+    __import__(f"{PACKAGE}.{MODULES[0]}")
     return "pure" if _loaded_pure() else "compiled"
 
 
 def _loaded_pure() -> bool:
-    module = sys.modules.get(f"{PACKAGE}.protocol")
+    module = sys.modules.get(f"{PACKAGE}.{MODULES[0]}")
     return module is None or (getattr(module, "__file__", None) or "").endswith(".py")
 
 
@@ -128,27 +130,33 @@ def describe(kind: Optional[str] = None) -> str:
 
 def load_pure() -> Dict[str, ModuleType]:
     """Fresh pure-Python copies of the core's modules, wired to each other, under private
-    names (``fcgi_manager._pure_protocol``, ...), whatever this process runs: for tests and
-    benchmarks that compare the two cores in one process."""
-    package = sys.modules[PACKAGE]
+    names (``fcgi_manager.wire._pure_protocol``, ...), whatever this process runs: for tests and
+    benchmarks that compare the two cores in one process. Keyed by the last part of each
+    module's name (``"protocol"``, ``"wsgi"``)."""
     loaded: Dict[str, ModuleType] = {}
+    parents = {m: importlib.import_module(f"{PACKAGE}.{m.rpartition('.')[0]}")
+               for m in MODULES}
     saved_modules = {m: sys.modules.get(f"{PACKAGE}.{m}") for m in MODULES}
-    saved_attrs = {m: package.__dict__.get(m) for m in MODULES}
+    saved_attrs = {m: parents[m].__dict__.get(m.rpartition(".")[2]) for m in MODULES}
     try:
         for name in MODULES:
-            spec = importlib.util.spec_from_file_location(f"{PACKAGE}._pure_{name}",
-                                                          _source(name))
+            short = name.rpartition(".")[2]
+            parent = name.rpartition(".")[0]
+            spec = importlib.util.spec_from_file_location(
+                f"{PACKAGE}.{parent}._pure_{short}", _source(name))
             assert spec is not None and spec.loader is not None
             module = importlib.util.module_from_spec(spec)
-            # ``from . import protocol`` inside the copies must find the pure copies: it
-            # reads the package's attribute first, then sys.modules.
-            for done, mod in loaded.items():
+            # Imports of the core inside the copies must find the pure copies: ``from ..wire
+            # import protocol`` reads the parent package's attribute first, then sys.modules.
+            for done in MODULES[:MODULES.index(name)]:
+                mod = loaded[done.rpartition(".")[2]]
                 sys.modules[f"{PACKAGE}.{done}"] = mod
-                setattr(package, done, mod)
+                setattr(parents[done], done.rpartition(".")[2], mod)
             spec.loader.exec_module(module)
-            loaded[name] = module
+            loaded[short] = module
     finally:
         for name in MODULES:
+            short = name.rpartition(".")[2]
             saved = saved_modules[name]
             if saved is None:
                 sys.modules.pop(f"{PACKAGE}.{name}", None)
@@ -156,7 +164,7 @@ def load_pure() -> Dict[str, ModuleType]:
                 sys.modules[f"{PACKAGE}.{name}"] = saved
             attr = saved_attrs[name]
             if attr is None:
-                package.__dict__.pop(name, None)
+                parents[name].__dict__.pop(short, None)
             else:
-                setattr(package, name, attr)
+                setattr(parents[name], short, attr)
     return loaded

@@ -54,7 +54,7 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from .states import STATE_CODES, STATE_NAMES, WorkerState
+from .wire.states import STATE_CODES, STATE_NAMES, WorkerState
 
 MAX_SLOTS = 1024
 HEADER = struct.Struct(

@@ -92,7 +92,7 @@ class WSGIServer:
         reason and raises ``SystemExit(1)``: the Flask guide's ``.fcgi`` files ignore what
         ``run()`` returns, and their process must still exit non-zero.
         """
-        from .lifecycle import serve
+        from .master.lifecycle import serve
 
         try:
             cfg = self._config()

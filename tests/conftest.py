@@ -114,7 +114,7 @@ def pytest_runtest_logfinish() -> None:
 @pytest.fixture(scope="session", autouse=True)
 def private_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Masters started by the suite register in a private registry (see
-    ``fcgi_manager.registry``), not in this user's real one."""
+    ``fcgi_manager.master.registry``), not in this user's real one."""
     path = tmp_path_factory.mktemp("registry")
     path.chmod(0o700)
     old = os.environ.get("FCGI_MANAGER_REGISTRY")

@@ -479,7 +479,7 @@ class Manager:
         return self.tracker.kill_all()
 
 
-# -- a raw FastCGI client (independent of fcgi_manager.protocol) -------------------------
+# -- a raw FastCGI client (independent of fcgi_manager.wire.protocol) -------------------------
 
 FCGI_HEADER = struct.Struct("!BBHHBx")
 FCGI_BEGIN, FCGI_ABORT, FCGI_END, FCGI_PARAMS, FCGI_STDIN, FCGI_STDOUT, FCGI_STDERR = range(1, 8)

@@ -438,7 +438,7 @@ def test_tcp_bind(make_manager: MakeManager, make_nginx: MakeNginx, family: str)
 
 def test_request_bytes_helper_matches_the_product_encoder() -> None:
     # The tests' own encoder is what the product's parser must accept: cross-check once.
-    from fcgi_manager import protocol
+    from fcgi_manager.wire import protocol
 
     params = cgi_params("/x", "POST", b"abc")
     ours = fcgi_request_bytes(params, b"abc", rid=3)

@@ -221,7 +221,7 @@ def test_output_lines_are_dropped_whole_and_the_loss_is_said_first() -> None:
     """The worker's output writer on a pipe nobody reads: whole lines queue up to a bound,
     the newest are dropped (counted), and once the pipe drains the first line after them
     says how many were lost; no line is ever cut."""
-    from fcgi_manager.outpipe import LineWriter
+    from fcgi_manager.worker.outpipe import LineWriter
 
     r, w = os.pipe()
     os.set_blocking(w, False)

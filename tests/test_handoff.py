@@ -1,4 +1,4 @@
-"""Hand-off of idle kept connections between workers (fcgi_manager/handoff.py).
+"""Hand-off of idle kept connections between workers (fcgi_manager/worker/handoff.py).
 
 Real workers, real sockets: a client holds FastCGI connections with the keep-conn flag,
 learns from the app's answer which worker process holds each, and makes one of them run a
@@ -31,9 +31,9 @@ from support import (
 
 from fcgi_manager import config as config_mod
 from fcgi_manager import sockets
-from fcgi_manager.handoff import CLOSED, FLAG_KEPT, SENT, HandoffChannel
 from fcgi_manager.scoreboard import Scoreboard, SlotWriter
-from fcgi_manager.worker import Worker
+from fcgi_manager.worker.handoff import CLOSED, FLAG_KEPT, SENT, HandoffChannel
+from fcgi_manager.worker.loop import Worker
 
 PID = re.compile(rb"in pid (\d+)")
 
@@ -297,7 +297,7 @@ def test_the_gate_of_a_reloads_old_channel_admits_only_that_generations_workers(
     """The new workers take from the old generation's channel: its own workers (listed
     then, or listed when the new worker started and gone since) with its uid may send;
     a live process that is not one, or one that is gone but was never listed, may not."""
-    from fcgi_manager.handoff import Gate
+    from fcgi_manager.worker.handoff import Gate
 
     child = os.fork()
     if child == 0:  # pragma: no cover - a process that exits at once

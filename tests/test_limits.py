@@ -38,7 +38,7 @@ from support import (
 )
 from test_wsgi import WorkerProcess
 
-from fcgi_manager.wsgi import INTERNAL_ERROR_BODY
+from fcgi_manager.worker.wsgi import INTERNAL_ERROR_BODY
 
 
 def hello(environ: Dict[str, Any], start_response: Callable) -> List[bytes]:
@@ -60,7 +60,7 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return True
 
 
-# -- row 6: replies to a client that never reads ------------------------------------------
+# -- replies to a client that never reads ------------------------------------------
 
 
 def _get_values(n: int) -> bytes:
@@ -114,7 +114,7 @@ def test_a_reply_flood_that_is_never_read_does_not_pin_the_worker(
     assert w.request("/").body == b"hello" and w.alive()
 
 
-# -- row 10: WSGI output is validated -------------------------------------------------------
+# -- WSGI output is validated -------------------------------------------------------
 
 
 def _answers(status: Any, headers: Any) -> Callable:
@@ -166,7 +166,7 @@ def test_bad_output_and_sys_exit_are_a_500_and_the_worker_lives(
     assert "Traceback" in w.log()
 
 
-# -- row 11: max_body, unfinished connections, idle connections ----------------------------
+# -- max_body, unfinished connections, idle connections ----------------------------
 
 
 def test_a_body_over_max_body_is_a_413_and_the_app_is_never_called(

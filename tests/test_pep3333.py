@@ -26,7 +26,7 @@ from support import (
 )
 from test_wsgi import WorkerProcess, assert_well_formed, parse_records, run
 
-from fcgi_manager.wsgi import (
+from fcgi_manager.worker.wsgi import (
     INTERNAL_ERROR_BODY,
     BodyBuffer,
     EnvironBuilder,
@@ -48,7 +48,7 @@ def test_each_generated_block_is_sent_before_the_next_is_requested() -> None:
             yield b"block %d;" % i
             sends_seen.append(len(sends))  # the generator resumes: block i must be out
 
-    from fcgi_manager.wsgi import run_app
+    from fcgi_manager.worker.wsgi import run_app
 
     errors = ErrorStream(lambda line: None)
     environ = EnvironBuilder(errors).build(cgi_params("/"), io.BytesIO())
@@ -70,7 +70,7 @@ def test_write_is_sent_before_it_returns() -> None:
         seen.append(b"".join(sends))
         return [b" late"]
 
-    from fcgi_manager.wsgi import run_app
+    from fcgi_manager.worker.wsgi import run_app
 
     errors = ErrorStream(lambda line: None)
     environ = EnvironBuilder(errors).build(cgi_params("/"), io.BytesIO())
@@ -132,7 +132,7 @@ def test_an_empty_iterable_sends_the_headers_with_end_request() -> None:
     assert r.reply.stdout == b"Status: 204 No Content\r\n\r\n"
 
 
-# -- output validation (SPEC: WSGI output is validated) ---------------------------------------
+# -- output validation ---------------------------------------
 
 
 def _answers(status: str, headers: List[Tuple[str, str]]) -> Callable:

@@ -19,7 +19,7 @@ import pytest
 from fcgi_manager import acl
 from fcgi_manager.config import build
 from fcgi_manager.errors import BindError, ConfigError
-from fcgi_manager.pool import PoolSizer, PoolView
+from fcgi_manager.rules.pool import PoolSizer, PoolView
 from tests.support import Manager, fcgi_request, require_program, wait_for
 
 

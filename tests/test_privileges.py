@@ -121,7 +121,7 @@ def test_allowed_clients_refuses_other_addresses(shared_dir: Path) -> None:
     try:
         # 127.0.0.1 is not allowed: the connection is closed without an answer.
         with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-            from fcgi_manager import protocol
+            from fcgi_manager.wire import protocol
 
             try:
                 conn.sendall(protocol.encode_request({"REQUEST_METHOD": "GET",
@@ -137,7 +137,7 @@ def test_allowed_clients_refuses_other_addresses(shared_dir: Path) -> None:
             conn.settimeout(10)
             conn.bind(("127.0.0.2", 0))
             conn.connect(("127.0.0.1", port))
-            from fcgi_manager import protocol
+            from fcgi_manager.wire import protocol
 
             conn.sendall(protocol.encode_request({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}))
             client = protocol.ClientConnection(1)

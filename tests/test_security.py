@@ -56,7 +56,7 @@ def _spawn(tracker: ProcessTracker, argv: List[str]) -> subprocess.Popen:
     return proc
 
 
-# -- row 1: no app code with uid 0 -------------------------------------------------------
+# -- no app code with uid 0 -------------------------------------------------------
 
 ESCALATING_APP = textwrap.dedent('''
     """At import: try to become root again, from the main thread and from a thread, and
@@ -200,7 +200,7 @@ def test_manager_user_root_is_no_drop(make_manager: MakeManager, preload: bool) 
     m.stop()
 
 
-# -- row 2: the client filter fails closed -------------------------------------------------
+# -- the client filter fails closed -------------------------------------------------
 
 def _refused(port: int) -> bool:
     """True if a request from 127.0.0.1 gets no answer (the worker closed it unread)."""
@@ -248,7 +248,7 @@ def test_bad_client_entries_are_config_errors(make_manager: MakeManager) -> None
     assert not m.pidfile.exists()
 
 
-# -- row 3: the pidfile proves who it names -----------------------------------------------
+# -- the pidfile proves who it names -----------------------------------------------
 
 DECOYS = {
     "sleep": ["sleep", "1000"],
@@ -331,7 +331,7 @@ def test_stop_checks_who_answers_on_the_control_socket(make_manager: MakeManager
     assert pid_alive(impostor.pid), "stop killed a process the pidfile does not name"
 
 
-# -- row 4: nothing of the manager leaks into the app's children ---------------------------
+# -- nothing of the manager leaks into the app's children ---------------------------
 
 FD_APP = textwrap.dedent('''
     import json
@@ -423,7 +423,7 @@ def test_background_child_does_not_keep_the_port(make_manager: MakeManager,
     m.stop()
 
 
-# -- row 5: workers die with a SIGKILLed root master, even after a reload ------------------
+# -- workers die with a SIGKILLed root master, even after a reload ------------------
 
 SPAWNING_APP = textwrap.dedent('''
     import os
@@ -476,7 +476,7 @@ def test_sigkilled_root_master_takes_dropped_workers_along(shared_dir: Path,
         tracker.add_all(set(_sleep_children_of_session()) - before)
 
 
-# -- row 8: no links followed, no directories others can write ----------------------------
+# -- no links followed, no directories others can write ----------------------------
 
 @pytest.mark.parametrize("key", ["pidfile", "log", "socket"])
 def test_world_writable_directory_is_refused(make_manager: MakeManager, tmp_path: Path,
@@ -553,7 +553,7 @@ def test_log_is_created_with_the_umask(make_manager: MakeManager) -> None:
     m.stop()
 
 
-# -- row 9: log lines cannot be forged -----------------------------------------------------
+# -- log lines cannot be forged -----------------------------------------------------
 
 FORGED = "2026-01-01 00:00:00 [master 1] ERROR: forged"
 
@@ -570,7 +570,7 @@ def test_cr_lf_in_uri_does_not_forge_log_lines(make_manager: MakeManager) -> Non
     m.stop()
 
 
-# -- row 12: query strings hidden, the control socket not stolen ---------------------------
+# -- query strings hidden, the control socket not stolen ---------------------------
 
 def test_query_strings_hidden_in_status_and_slow_logs(make_manager: MakeManager) -> None:
     m = make_manager("combo:app", count=1, workers={"slow_request": 0.3},

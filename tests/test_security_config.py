@@ -35,9 +35,10 @@ from support import (
     wait_for,
 )
 
-from fcgi_manager import accesslog, watch
+from fcgi_manager import accesslog
 from fcgi_manager import config as config_mod
 from fcgi_manager import status as status_mod
+from fcgi_manager.cli import watch
 from fcgi_manager.errors import ConfigError
 
 MakeManager = Callable[..., Manager]
@@ -74,7 +75,7 @@ def test_escape_shows_every_non_printing_code_point() -> None:
 
 def test_cr_lf_in_the_uri_of_a_failing_request_forges_no_log_line(
         make_manager: MakeManager) -> None:
-    """Row 8: the worker's "the app raised ... for GET URI" line escapes the URI."""
+    """The worker's "the app raised ... for GET URI" line escapes the URI."""
     m = make_manager("combo:app", count=1)
     m.start()
     uri = f"/crash\r\n{FORGED}\x1b[2J\x9b"
@@ -88,7 +89,7 @@ def test_cr_lf_in_the_uri_of_a_failing_request_forges_no_log_line(
 
 
 def test_status_table_and_watch_escape_method_and_uri(make_manager: MakeManager) -> None:
-    """Row 9: a CR LF in the method or URI of a request in flight draws no forged row in
+    """A CR LF in the method or URI of a request in flight draws no forged row in
     ``status`` or ``status --watch``, and no C1 control reaches the terminal."""
     m = make_manager("combo:app", count=1)
     m.start()
@@ -125,7 +126,7 @@ def test_status_table_and_watch_escape_method_and_uri(make_manager: MakeManager)
 
 @pytest.mark.parametrize("json_lines", [True, False], ids=["json", "text"])
 def test_access_log_escapes_del_and_c1(tmp_path: Path, json_lines: bool) -> None:
-    """Row 10: DEL and the C1 controls (U+009B CSI) are escaped in the access log, JSON
+    """DEL and the C1 controls (U+009B CSI) are escaped in the access log, JSON
     lines included (JSON's own escaper lets them through)."""
     path = tmp_path / "access.log"
     log = accesslog.AccessLog(str(path), "", json_lines, 1, lambda: 0)
@@ -147,7 +148,7 @@ def test_access_log_escapes_del_and_c1(tmp_path: Path, json_lines: bool) -> None
         assert line["user_agent"] == "agent\\x9b2J\\x85"
 
 
-# -- row 12: the pidfile is 0600 -----------------------------------------------------------
+# -- the pidfile is 0600 -----------------------------------------------------------
 
 def _as_nobody(action: Callable[[], int]) -> int:
     """Run ``action`` in a forked child that dropped to ``nobody``; its exit status."""
@@ -188,7 +189,7 @@ def test_pidfile_cannot_be_locked_by_another_user(shared_dir: Path,
     m.stop()
 
 
-# -- row 6: log files planted by another user ----------------------------------------------
+# -- log files planted by another user ----------------------------------------------
 
 def _plant(path: Path, kind: str) -> int:
     """Make ``path`` what another user (``nobody``) would plant there: a file every user
@@ -210,7 +211,7 @@ def _plant(path: Path, kind: str) -> int:
 def test_planted_log_file_is_refused_at_start_and_check(shared_dir: Path,
                                                         make_manager: MakeManager,
                                                         key: str, kind: str) -> None:
-    """Row 6: in a sticky world-writable directory, a file of another user (0666) or a
+    """In a sticky world-writable directory, a file of another user (0666) or a
     FIFO nobody reads where the log goes: start and check refuse it, naming the path and
     the reason; the master never appends to it, nor freezes on it."""
     target = shared_dir / f"planted-{key}"
@@ -254,7 +255,7 @@ def test_reopen_refuses_a_planted_log_and_keeps_the_old_file(shared_dir: Path,
     m.stop()
 
 
-# -- row 11: the environment cannot weaken a security key the file sets --------------------
+# -- the environment cannot weaken a security key the file sets --------------------
 
 FILE_KEYS = {"app": {"module": "hello:app", "clear_env": True},
              "listen": {"allowed_clients": ["127.0.0.1", "10.0.0.1"]},
@@ -310,7 +311,7 @@ def test_environment_weakening_is_refused_by_the_cli_unless_allowed(tmp_path: Pa
     assert out.returncode == 0 and 'user = ""' in out.stdout, out
 
 
-# -- row 1: every re-read of the config sees the environment the master started with --------
+# -- every re-read of the config sees the environment the master started with --------
 
 RECORDING_APP = textwrap.dedent('''
     """Records the uid its import ran as: the start's, the reload's validation, the new
@@ -374,7 +375,7 @@ def test_reload_validation_keeps_the_user_given_by_the_environment(
         assert out.returncode == 0, out
 
 
-# -- row 5: a squatted registry or a foreign entry never redirects a command ---------------
+# -- a squatted registry or a foreign entry never redirects a command ---------------
 
 class Squatter:
     """Another user's control socket: counts the connections a command made to it."""
@@ -419,7 +420,7 @@ def test_registry_of_another_user_is_not_followed(shared_dir: Path, tracker: Pro
                                                   make_manager: MakeManager,
                                                   monkeypatch: pytest.MonkeyPatch,
                                                   planted: str) -> None:
-    """Row 5: another user pre-created the registry directory (or planted an entry file
+    """Another user pre-created the registry directory (or planted an entry file
     in ours): ``status --all`` does not list its entry, and ``status``/``stop`` by config
     file or by pidfile talk to the real master, never to the squatter's socket."""
     nobody = _nobody()

@@ -29,7 +29,7 @@ from support import (
     wait_for,
 )
 
-from fcgi_manager import control
+from fcgi_manager.wire import control
 
 
 def _manager(d: Path, module: str, **sections: dict) -> Manager:
@@ -47,7 +47,7 @@ def _timed_status(manager: Manager) -> float:
     return took
 
 
-# -- row 2: a pid the zygote reports is believed only if the kernel agrees ----------------
+# -- a pid the zygote reports is believed only if the kernel agrees ----------------
 
 LYING_ZYGOTE = textwrap.dedent('''
     """Imported in the zygote: its first report names a stranger instead of the worker."""
@@ -83,7 +83,7 @@ LYING_ZYGOTE = textwrap.dedent('''
 
 
 def test_a_zygote_naming_a_stranger_as_its_worker_is_not_believed(shared_dir: Path) -> None:
-    """Row 2: app code in the zygote reports the pid of an unrelated root process as the
+    """App code in the zygote reports the pid of an unrelated root process as the
     new worker. The master must not list it, must not signal it, and replaces the zygote."""
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
     try:
@@ -109,7 +109,7 @@ def test_a_zygote_naming_a_stranger_as_its_worker_is_not_believed(shared_dir: Pa
         stranger.wait()
 
 
-# -- row 4: a stopped zygote does not stop the master -------------------------------------
+# -- a stopped zygote does not stop the master -------------------------------------
 
 STOPPABLE_ZYGOTE = textwrap.dedent('''
     """Imported in the zygote; a request stops it (SIGSTOP) and ends its own worker."""
@@ -130,7 +130,7 @@ STOPPABLE_ZYGOTE = textwrap.dedent('''
 
 
 def test_a_stopped_zygote_never_blocks_status_and_is_replaced(shared_dir: Path) -> None:
-    """Row 4: a request handler SIGSTOPs the zygote and its worker exits. The master asks
+    """A request handler SIGSTOPs the zygote and its worker exits. The master asks
     the stopped zygote for a replacement: status keeps answering within a second, and
     after the spawn deadline a new zygote forks the workers."""
     (shared_dir / "stoppable_zygote.py").write_text(STOPPABLE_ZYGOTE)
@@ -171,7 +171,7 @@ def test_a_stopped_zygote_never_blocks_status_and_is_replaced(shared_dir: Path) 
         manager.cleanup()
 
 
-# -- row 7: a preloading reload imports outside the master's loop -------------------------
+# -- a preloading reload imports outside the master's loop -------------------------
 
 SLOW_IMPORT = textwrap.dedent('''
     """Imported by the master (preload); slow once the flag file exists."""
@@ -190,7 +190,7 @@ SLOW_IMPORT = textwrap.dedent('''
 
 
 def test_a_preloading_reload_with_a_slow_import_never_blocks_status(tmp_path: Path) -> None:
-    """Row 7: preload without manager.user (as when not root), a 6-s import at reload.
+    """Preload without manager.user (as when not root), a 6-s import at reload.
     The validation child and the new generation's zygote import; the re-executed master's
     loop answers status at once all along."""
     (tmp_path / "slow_import.py").write_text(SLOW_IMPORT)
@@ -218,7 +218,7 @@ def test_a_preloading_reload_with_a_slow_import_never_blocks_status(tmp_path: Pa
         manager.cleanup()
 
 
-# -- row 3: one hand-off channel per generation, checked at the receiving end -------------
+# -- one hand-off channel per generation, checked at the receiving end -------------
 
 LEFTOVER = textwrap.dedent('''
     """/leave forks a process that keeps the worker's hand-off channel (what an app may
@@ -319,7 +319,7 @@ LEFTOVER = textwrap.dedent('''
 
 def test_a_process_left_by_generation_1_cannot_use_generation_2s_channel(
         shared_dir: Path) -> None:
-    """Row 3: a process generation 1's app left behind holds that generation's hand-off
+    """A process generation 1's app left behind holds that generation's hand-off
     channel. After a reload it can neither inject a connection of its own that a
     generation-2 worker serves, nor take a kept connection generation 2 lets go of."""
     (shared_dir / "leftover.py").write_text(LEFTOVER)

@@ -97,7 +97,7 @@ def test_run_without_a_file_names_its_pidfile_after_the_socket(tmp_path: Path) -
 
 
 def test_stop_during_shutdown_delay_says_it_drains() -> None:
-    from fcgi_manager import progress
+    from fcgi_manager.cli import progress
 
     data = {"workers": [{"id": 1, "state": "idle", "current": None}]}
     text = progress.stop_text(data, 123, time.monotonic(), 40.0, drain=10.0)
@@ -152,7 +152,7 @@ def _as_nobody(body: Callable[[], str]) -> str:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a master of another user needs root")
 def test_a_plain_user_stopping_roots_master_is_told_whose_it_is() -> None:
-    from fcgi_manager import cli
+    from fcgi_manager.cli import commands as cli
 
     me = os.getpid()  # root's process, as a master started by root
     text = _as_nobody(lambda: cli._signal_master(me, 0, "stop") or "signalled")
@@ -161,7 +161,8 @@ def test_a_plain_user_stopping_roots_master_is_told_whose_it_is() -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a user outside the group needs root to make")
 def test_check_with_a_group_it_is_not_in_prints_no_bind_ok(open_dir: Path) -> None:
-    from fcgi_manager import check, config
+    from fcgi_manager import config
+    from fcgi_manager.cli import check
 
     cfg_path = open_dir / "app.toml"
     cfg_path.write_text(f'[app]\nmodule = "hello:app"\n[listen]\nbind = "unix:{open_dir}/'

@@ -137,10 +137,10 @@ def test_a_kept_connection_closed_by_the_client_is_closed_without_a_read(
 
 
 def test_max_memory_costs_one_getrusage_per_request_and_nothing_else(tmp_path: Path) -> None:
-    """``max_memory`` is checked after every request (SPEC: "Deployed as shipped, and under
-    faults"): the floor grows by exactly one ``getrusage`` per request -- the cheapest way
-    the kernel tells a process its memory (peak RSS; ~2 us against ~2.5 us for a
-    ``pread`` of a kept-open /proc/self/statm, which must also be parsed)."""
+    """``max_memory`` is checked after every request: the floor grows by exactly one
+    ``getrusage`` per request -- the cheapest way the kernel tells a process its memory
+    (peak RSS; ~2 us against ~2.5 us for a ``pread`` of a kept-open /proc/self/statm,
+    which must also be parsed)."""
     w = WorkerProcess(tmp_path, hello, max_memory="4G")
     try:
         before = _open_fds(w.pid)

@@ -34,7 +34,7 @@ from support import (
     wait_for,
 )
 
-from fcgi_manager.pool import threaded_view
+from fcgi_manager.rules.pool import threaded_view
 from fcgi_manager.scoreboard import Scoreboard
 
 APP = "threads_app:app"

@@ -140,7 +140,7 @@ def test_watch_on_a_terminal_redraws_in_place_and_q_quits(make_manager: MakeMana
 
 def test_watch_rates_follow_worker_replacement() -> None:
     """A worker id whose pid changed counts from 0 again (no negative rates)."""
-    from fcgi_manager.watch import Rates
+    from fcgi_manager.cli.watch import Rates
 
     rates = Rates()
 

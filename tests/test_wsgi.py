@@ -30,8 +30,8 @@ from support import (
 )
 
 from fcgi_manager import config as config_mod
-from fcgi_manager import wsgi
-from fcgi_manager.wsgi import BodyBuffer, EnvironBuilder, ErrorStream, FileWrapper, run_app
+from fcgi_manager.worker import wsgi
+from fcgi_manager.worker.wsgi import BodyBuffer, EnvironBuilder, ErrorStream, FileWrapper, run_app
 
 # -- helpers --------------------------------------------------------------------------------
 
@@ -627,11 +627,11 @@ def test_error_stream_reset_forgets_the_request() -> None:
 
 
 class WorkerProcess:
-    """One :class:`fcgi_manager.worker.Worker` forked from the test on a unix listener."""
+    """One :class:`fcgi_manager.worker.loop.Worker` forked from the test on a unix listener."""
 
     def __init__(self, tmp: Path, app: Callable, **options: Any) -> None:
         from fcgi_manager.scoreboard import Scoreboard, SlotWriter
-        from fcgi_manager.worker import Worker
+        from fcgi_manager.worker.loop import Worker
 
         self.address = f"unix:{tmp / 'w.sock'}"
         self.log_path = tmp / "worker.log"

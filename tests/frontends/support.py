@@ -479,7 +479,7 @@ def http_request(port: int, path: str, method: str = "GET", body: Optional[bytes
 def fcgi(address: str, path: str, method: str = "GET", body: bytes = b"",
          script_name: str = "", timeout: float = 15.0) -> Reply:
     """One request straight to a FastCGI socket (``unix:/path`` or ``host:port``)."""
-    from fcgi_manager import client
+    from fcgi_manager.cli import client
     from fcgi_manager.sockets import parse_address
 
     params = client.build_params(path, method, {}, len(body), script_name=script_name)
@@ -630,7 +630,7 @@ class Manager:
 
 # -- a Python that another user can run (mod_fcgid runs the .fcgi as Apache's user) --------
 
-_CHECK = "import flask, fcgi_manager.server, fcgi_manager.master, fcgi_manager.worker"
+_CHECK = "import flask, fcgi_manager.server, fcgi_manager.master.shell, fcgi_manager.worker.loop"
 
 
 def _runs_as(user: str, args: List[str], env: Dict[str, str]) -> bool:

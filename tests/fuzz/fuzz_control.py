@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Mutational fuzzer for the control-socket decoder (fcgi_manager.control).
+"""Mutational fuzzer for the control-socket decoder (fcgi_manager.wire.control).
 
 Standard library only. Each input is a framed control message (4-byte big-endian length,
 then JSON) built from valid requests and mutated at three levels:
@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fcgi_manager import control  # noqa: E402
 from fcgi_manager.errors import ProtocolError  # noqa: E402
+from fcgi_manager.wire import control  # noqa: E402
 from tests.fuzz import driver  # noqa: E402
 from tests.fuzz.driver import CheckFailed, FuzzResult  # noqa: E402,F401
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Mutational fuzzer for the sans-I/O FastCGI layer (fcgi_manager.protocol).
+"""Mutational fuzzer for the sans-I/O FastCGI layer (fcgi_manager.wire.protocol).
 
 Standard library only. Each input is either random bytes or a valid request/response
 mutated with bit flips, interesting bytes, truncations, header and name-value length
@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fcgi_manager import protocol as p  # noqa: E402
 from fcgi_manager.errors import ProtocolError  # noqa: E402
+from fcgi_manager.wire import protocol as p  # noqa: E402
 from tests.fuzz import driver  # noqa: E402
 from tests.fuzz.driver import CheckFailed, FuzzResult  # noqa: E402,F401
 from tests.support import describe_event  # noqa: E402

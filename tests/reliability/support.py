@@ -25,7 +25,7 @@ from support import (
     wait_for,
 )
 
-from fcgi_manager import control
+from fcgi_manager.wire import control
 
 HERE = Path(__file__).resolve().parent
 RELAPPS = HERE / "apps"

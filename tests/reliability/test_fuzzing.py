@@ -28,8 +28,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fcgi_manager import control
 from fcgi_manager.errors import ProtocolError
+from fcgi_manager.wire import control
 
 from .support import LoadClient, connect, figure, rel_manager, status, worker_pids
 

@@ -4,7 +4,7 @@ the master's command handling, triggered only by the raw control message
 
 from relapp import app  # noqa: F401
 
-from fcgi_manager import master as _master
+from fcgi_manager.master import shell as _master
 
 _real_command = _master.Master.command
 
