@@ -402,7 +402,7 @@ class ThreadMeter:
         now = _monotonic()
         r = _getrusage(_RUSAGE)
         cpu = r.ru_utime + r.ru_stime
-        with self.log.lock:  # type: ignore[union-attr]
+        with self.log.lock:  # type: ignore[union-attr]  # set by threaded(), before any ThreadMeter
             self.log._record(now, params, uri, status, self.nbytes, now - self._t0,
                              cpu - self._cpu0)
         self._cpu0 = cpu

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 try:
     import ctypes
 except ImportError:  # an interpreter built without ctypes: the worker probes instead
-    ctypes = None  # type: ignore[assignment]
+    ctypes = None  # type: ignore[assignment]  # the module or None: both paths are checked
 
 _FLAGS = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 

@@ -44,11 +44,11 @@ class LineWriter(io.TextIOBase):
         self.on_lost: Optional[Callable[[int], None]] = None
 
     @property
-    def encoding(self) -> str:  # type: ignore[override]
+    def encoding(self) -> str:  # type: ignore[override]  # a property where TextIO has an attribute
         return "utf-8"
 
     @property
-    def errors(self) -> str:  # type: ignore[override]
+    def errors(self) -> str:  # type: ignore[override]  # the same: read-only, always "replace"
         return "replace"
 
     def fileno(self) -> int:
