@@ -1,4 +1,4 @@
-"""The package's layers, and that no import points up.
+"""The package's layers, that no import points up, and that no class outgrows one job.
 
 From the bottom: ``wire/`` (what both sides of a pipe or socket agree on), the shared floor
 (the package's top-level modules: config, sockets, scoreboard, status, logs...), ``rules/``
@@ -136,3 +136,16 @@ def test_the_library_api_does_not_load_the_command_line() -> None:
 def test_the_shared_numbers_are_a_leaf() -> None:
     assert loaded_by(["fcgi_manager.wire.codes"]) - loaded_by(["fcgi_manager"]) == {
         "fcgi_manager.wire", "fcgi_manager.wire.codes"}
+
+
+def test_no_class_is_longer_than_450_lines() -> None:
+    """A class past ~450 lines does more than one job: split it along a seam (the master's
+    shell, the supervisor and the pool parent show how: parts that share a small context)."""
+    long = []
+    for module, path in modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > 450:
+                    long.append(f"{module}.{node.name}: {lines} lines")
+    assert not long, long
