@@ -169,7 +169,7 @@ class Scoreboard:
         self.hist_base = HEADER_SIZE + slots * SLOT_SIZE
         size = self.hist_base + (slots + 1) * HIST.size
         if fd is None and hasattr(os, "memfd_create"):
-            # Close-on-exec: only the reload's exec keeps it (master.py marks it then).
+            # Close-on-exec: only the reload's exec keeps it (master/shell.py marks it then).
             fd = os.memfd_create("fcgi-manager-scoreboard", os.MFD_CLOEXEC)
             os.ftruncate(fd, size)
         elif fd is not None and os.fstat(fd).st_size < size:

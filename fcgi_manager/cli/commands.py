@@ -281,9 +281,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     if args.config and os.path.isdir(args.config):
-        from . import pools as pooldir_cli
+        from . import pools
 
-        return pooldir_cli.main(args)  # a pool directory: one master per file
+        return pools.main(args)  # a pool directory: one master per file
     if getattr(args, "names", None) or getattr(args, "pool_watch", None) is not None or (
             args.command == "start" and args.pidfile):
         given = "app names" if getattr(args, "names", None) else "--pidfile or --watch"

@@ -1,5 +1,5 @@
 """The master's hand-off channels: idle kept connections passed worker to worker, one
-channel per generation (``handoff.py``)."""
+channel per generation (``worker/handoff.py``)."""
 
 from __future__ import annotations
 

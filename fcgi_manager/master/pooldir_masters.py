@@ -3,7 +3,7 @@ to the parent's log, its ``sd_notify`` datagrams read, its exit reaped and judge
 
 :mod:`pooldir` decides which apps should run (its loop, a reload, a command); this module
 is what that means for processes. How an exit is judged (restart, backoff, ``fatal``) is
-:class:`pooldir_rules.App`'s.
+:class:`~fcgi_manager.rules.pooldir.App`'s.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Masters:
     """Every master of the pool as a child process, and what the parent hears from them.
 
     It exists so that the parent's loop, its reloads and its commands deal in apps
-    (:class:`pooldir_rules.App`: wanted, stopped, due) while one place knows the
+    (:class:`~fcgi_manager.rules.pooldir.App`: wanted, stopped, due) while one place knows the
     processes behind them: the fork and exec, the output pipes and each app's last lines,
     the notify socket and whose datagram is whose, the pids to reap and to signal.
 

@@ -1,6 +1,6 @@
 """The pool directory as the parent reads it and applies it: each ``*.toml`` parsed as an
 app (or refused), and a reload -- ``HUP``, ``--watch``, the ``reload`` command -- turned
-from :func:`pooldir_rules.plan_reload`'s plan into starts, stops and reloads of masters.
+from :func:`rules.pooldir.plan_reload`'s plan into starts, stops and reloads of masters.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class Reloader:
     since, and ``--watch``'s look at the directory.
 
     It exists because a reload is the one place where the files and the running apps
-    meet: the rules say what changed (:func:`pooldir_rules.plan_reload`), and this class
+    meet: the rules say what changed (:func:`rules.pooldir.plan_reload`), and this class
     keeps the bookkeeping around the plan (refused files that keep a running generation,
     the names asked for, the result a ``reload`` command answers) apart from the loop that
     runs the processes (:class:`pooldir_masters.Masters`, which it asks to stop and signal).

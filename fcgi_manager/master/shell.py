@@ -1,6 +1,6 @@
 """The master's shell: one selector, the processes, the pipes and sockets.
 
-Every decision is the supervisor's (``supervisor.py``: events in, actions out); this
+Every decision is the supervisor's (``rules/supervisor.py``: events in, actions out); this
 module performs its actions and feeds it what happened. One thread and one selector
 watch: the signal wakeup pipe, the control socket and its connections
 (``control_server``), each worker's output pipe (logged line by line) and notify pipe

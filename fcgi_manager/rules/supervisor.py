@@ -4,13 +4,13 @@ Events in, actions out, the shape of ``protocol`` applied to the master (h11's
 events-in/actions-out): :meth:`Supervisor.handle` takes one :data:`Event` -- a worker
 spawned, ready, exited; a tick with what the scoreboard shows; memory samples; a command;
 the reload check's verdict; the state a re-executed image resumes; a pidfile that could not
-be written -- and returns the :data:`Action` s the shell (``master.py``) performs: spawn,
+be written -- and returns the :data:`Action` s the shell (``master/shell.py``) performs: spawn,
 signal, mark a slot stopping, reply to a client, validate, re-exec, log, exit. Both are
 unions of frozen dataclasses (the actions are defined in ``supervisor_actions`` and
 re-exported here), and :data:`HANDLERS` maps each event type to its handler, so the type
 checker sees every pairing. It never forks, reads, writes, sleeps or looks at a clock;
 every time it knows came in an event, and the shell changes its state only through
-events. So each rule is a unit test on a sequence of events (tests/test_supervisor.py).
+events. So each rule is a unit test on a sequence of events (tests/unit/test_supervisor.py).
 
 The master's phase (systemd's unit states, which operators already know)::
 
@@ -596,7 +596,7 @@ def _row(kind: Type[_E], handler: Callable[[Supervisor, _E], None]) -> Tuple[typ
     return kind, handler
 
 
-# Every member of ``Event`` has one (tests/test_supervisor.py checks it).
+# Every member of ``Event`` has one (tests/unit/test_supervisor.py checks it).
 HANDLERS: Dict[type, Handler] = dict([
     _row(Started, Supervisor._on_started),
     _row(Spawned, Supervisor._on_spawned),

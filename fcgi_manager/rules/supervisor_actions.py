@@ -1,7 +1,7 @@
 """What the supervisor asks of the shell: the :data:`Action` s ``Supervisor.handle`` returns.
 
 Spawn, signal, mark a slot, reply to a client, validate, re-exec, notify, log, exit: frozen
-dataclasses the shell (``master.py``) performs in order. Every part of the supervisor
+dataclasses the shell (``master/shell.py``) performs in order. Every part of the supervisor
 (``supervisor_book``, ``supervisor_reload``, ``supervisor_health``, ``supervisor_pool``,
 ``supervisor_stop``) emits them, so they live apart from the events, which only
 ``supervisor.py`` reads; ``supervisor`` re-exports them all.
