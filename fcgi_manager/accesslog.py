@@ -154,7 +154,37 @@ class _Entry:
     rss: int  # bytes
 
 
-class AccessLog:
+class _Meter:
+    """What measures one request, for the log itself (one-thread workers) and for each app
+    thread (:class:`ThreadMeter`): when it began, the bytes that went out, and where the
+    CPU clock stood (``-1`` until the first request: counted from there, not the fork)."""
+
+    __slots__ = ("_t0", "_cpu0", "nbytes", "_send")
+
+    def __init__(self) -> None:
+        self._t0 = 0.0
+        self._cpu0 = -1.0  # CPU time is counted from one request's end to the next one's
+        self.nbytes = 0
+        self._send: Callable[[bytes], None] = _nowhere
+
+    def begin(self) -> None:
+        self._t0 = _monotonic()
+        self.nbytes = 0
+        if self._cpu0 < 0:  # the first request: count from here, not from the fork
+            r = _getrusage(_RUSAGE)
+            self._cpu0 = r.ru_utime + r.ru_stime
+
+    def counting(self, send: Callable[[bytes], None]) -> Callable[[bytes], None]:
+        """``send`` for this request, counting the bytes that go out."""
+        self._send = send
+        return self._counting_send
+
+    def _counting_send(self, data: bytes) -> None:
+        self.nbytes += len(data)
+        self._send(data)
+
+
+class AccessLog(_Meter):
     """A worker's access log: measures each request and writes its line.
 
     The worker calls :meth:`begin` when a request starts, wraps the connection's ``send``
@@ -165,6 +195,7 @@ class AccessLog:
 
     def __init__(self, path: str, fmt: str, json_lines: bool, worker_id: int,
                  log_epoch: Callable[[], int]) -> None:
+        super().__init__()
         self.path = path
         self.format = fmt or DEFAULT_FORMAT
         self.json = json_lines
@@ -187,10 +218,6 @@ class AccessLog:
         self._iso_offset = ""
         self.rss = 0
         self._rss_mib = "0.0"
-        self._t0 = 0.0
-        self._cpu0 = -1.0  # CPU time is counted from one request's end to the next one's
-        self._send: Callable[[bytes], None] = _nowhere
-        self.nbytes = 0
         try:
             self._statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -203,23 +230,7 @@ class AccessLog:
             self._line = self._custom_line
         self._open()
 
-    # -- the request path -----------------------------------------------------------------
-
-    def begin(self) -> None:
-        self._t0 = _monotonic()
-        self.nbytes = 0
-        if self._cpu0 < 0:  # the first request: count from here, not from the fork
-            r = _getrusage(_RUSAGE)
-            self._cpu0 = r.ru_utime + r.ru_stime
-
-    def counting(self, send: Callable[[bytes], None]) -> Callable[[bytes], None]:
-        """``send`` for this request, counting the bytes that go out."""
-        self._send = send
-        return self._counting_send
-
-    def _counting_send(self, data: bytes) -> None:
-        self.nbytes += len(data)
-        self._send(data)
+    # -- the request path (begin and counting: _Meter) -----------------------------------
 
     def end(self, params: Dict[str, str], uri: str, status: int) -> None:
         """The request is over: measure it and queue its line."""
@@ -369,34 +380,16 @@ class AccessLog:
             self._statm = -1
 
 
-class ThreadMeter:
+class ThreadMeter(_Meter):
     """:meth:`AccessLog.begin`/:meth:`~AccessLog.counting`/:meth:`~AccessLog.end` for
     one app thread: the measuring state is the thread's own (its CPU clock is
     ``RUSAGE_THREAD``), the line goes into the shared log under its lock."""
 
-    __slots__ = ("log", "_t0", "_cpu0", "nbytes", "_send")
+    __slots__ = ("log",)
 
     def __init__(self, access_log: AccessLog) -> None:
+        super().__init__()
         self.log = access_log
-        self._t0 = 0.0
-        self._cpu0 = -1.0
-        self.nbytes = 0
-        self._send: Callable[[bytes], None] = _nowhere
-
-    def begin(self) -> None:
-        self._t0 = _monotonic()
-        self.nbytes = 0
-        if self._cpu0 < 0:
-            r = _getrusage(_RUSAGE)
-            self._cpu0 = r.ru_utime + r.ru_stime
-
-    def counting(self, send: Callable[[bytes], None]) -> Callable[[bytes], None]:
-        self._send = send
-        return self._counting_send
-
-    def _counting_send(self, data: bytes) -> None:
-        self.nbytes += len(data)
-        self._send(data)
 
     def end(self, params: Dict[str, str], uri: str, status: int) -> None:
         now = _monotonic()

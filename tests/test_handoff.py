@@ -34,6 +34,7 @@ from fcgi_manager import sockets
 from fcgi_manager.scoreboard import Scoreboard, SlotWriter
 from fcgi_manager.worker.handoff import CLOSED, FLAG_KEPT, SENT, HandoffChannel
 from fcgi_manager.worker.loop import Worker
+from fcgi_manager.worker.parts import WorkerParts
 
 PID = re.compile(rb"in pid (\d+)")
 
@@ -182,9 +183,10 @@ class ForkedWorker:
             try:
                 os.close(self.death_w)
                 os.close(note_r)
-                code = Worker(app=_hello_pid, config=cfg, listener=listener,
-                              slot=SlotWriter(board, 0), worker_id=1, master_fd=death_r,
-                              notify_fd=note_w, max_requests=0, handoff=handoff).run()
+                code = Worker(WorkerParts(app=_hello_pid, config=cfg, listener=listener,
+                                          slot=SlotWriter(board, 0), worker_id=1,
+                                          master_fd=death_r, notify_fd=note_w,
+                                          max_requests=0, handoff=handoff)).run()
             finally:
                 os._exit(code)
         self.pid = pid

@@ -632,6 +632,7 @@ class WorkerProcess:
     def __init__(self, tmp: Path, app: Callable, **options: Any) -> None:
         from fcgi_manager.scoreboard import Scoreboard, SlotWriter
         from fcgi_manager.worker.loop import Worker
+        from fcgi_manager.worker.parts import WorkerParts
 
         self.address = f"unix:{tmp / 'w.sock'}"
         self.log_path = tmp / "worker.log"
@@ -656,9 +657,10 @@ class WorkerProcess:
                 logs.setup_worker("info")
                 os.close(self.death_w)
                 os.close(note_r)
-                worker = Worker(app=app, config=cfg, listener=listener,
-                                slot=SlotWriter(board, 0), worker_id=1, master_fd=death_r,
-                                notify_fd=note_w, max_requests=0)
+                worker = Worker(WorkerParts(app=app, config=cfg, listener=listener,
+                                            slot=SlotWriter(board, 0), worker_id=1,
+                                            master_fd=death_r, notify_fd=note_w,
+                                            max_requests=0))
                 code = worker.run()
             finally:
                 os._exit(code)

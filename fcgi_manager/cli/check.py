@@ -30,6 +30,7 @@ from ..scoreboard import Scoreboard, SlotWriter
 from ..sockets import Address, parse_address
 from ..worker.appload import leave_shell_directory, load_app, prepare_import
 from ..worker.loop import Worker  # at the top: imported before the drop, while root can read it
+from ..worker.parts import WorkerParts
 from . import client
 
 BODY_SHOWN = 2048  # bytes of the response body printed
@@ -256,8 +257,9 @@ def _one_request(cfg: Config, app: Any, user: Any, request_path: str = "/") -> i
             os.close(death_w)
             os.close(note_r)
             logs.setup_worker(cfg.manager.log_level)
-            worker = Worker(app=app, config=cfg, listener=listener, slot=SlotWriter(board, 0),
-                            worker_id=1, master_fd=death_r, notify_fd=note_w, max_requests=0)
+            worker = Worker(WorkerParts(app=app, config=cfg, listener=listener,
+                                        slot=SlotWriter(board, 0), worker_id=1,
+                                        master_fd=death_r, notify_fd=note_w, max_requests=0))
             code = worker.run()
         finally:
             os._exit(code)

@@ -472,6 +472,28 @@ def _signal_master(pid: int, sig: int, what: str) -> None:
             f"run the command as {owner} (e.g. sudo fcgi-manager ... {what})") from None
 
 
+def _unreachable(exc: ControlError) -> bool:
+    """Whether the control socket is missing or nobody answers on it (a signal may do
+    instead); any other error is said here."""
+    if "not running" in exc.message or "cannot connect" in exc.message:
+        return True
+    print(f"Error: {exc.message}", file=sys.stderr)
+    return False
+
+
+def _signal_instead(exc: ControlError, pidfile: str, sig: int, what: str) -> Optional[int]:
+    """The control call failed with ``exc``: send ``sig`` to the master the pidfile proves
+    instead; its pid, or None once the error (or that no master runs) is said."""
+    if not _unreachable(exc):
+        return None
+    pid = _master_pid(pidfile)
+    if pid is None:
+        print("Error: fcgi-manager is not running", file=sys.stderr)
+        return None
+    _signal_master(pid, sig, what)
+    return pid
+
+
 def _wait_gone(pid: int, timeout: float, waiting: Optional[Callable[[], None]] = None) -> bool:
     deadline = time.monotonic() + timeout
     delay = 0.01
@@ -516,8 +538,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
         result, pid = control.call_with_peer(tgt.control, "stop", {"now": bool(args.now)})
         drain = float(result.get("drain_s", drain) or 0.0)
     except ControlError as exc:
-        if "not running" not in exc.message and "cannot connect" not in exc.message:
-            print(f"Error: {exc.message}", file=sys.stderr)
+        if not _unreachable(exc):
             return 1
         pid = _master_pid(tgt.pidfile)
         if pid is None:
@@ -586,14 +607,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
     try:
         result = _reload_with_progress(tgt.control)
     except ControlError as exc:
-        if "not running" not in exc.message and "cannot connect" not in exc.message:
-            print(f"Error: {exc.message}", file=sys.stderr)
-            return 1
-        pid = _master_pid(tgt.pidfile)
+        pid = _signal_instead(exc, tgt.pidfile, signal.SIGHUP, "reload")
         if pid is None:
-            print("Error: fcgi-manager is not running", file=sys.stderr)
             return 1
-        _signal_master(pid, signal.SIGHUP, "reload")
         print(f"sent SIGHUP to pid {pid} (no control socket, so the result is in the log)")
         return 0
     print(f"reloaded: generation {result.get('generation')}, {result.get('workers')} worker(s)")
@@ -744,14 +760,8 @@ def cmd_reopen_logs(args: argparse.Namespace) -> int:
     try:
         control.call(tgt.control, "reopen-logs")
     except ControlError as exc:
-        if "not running" not in exc.message and "cannot connect" not in exc.message:
-            print(f"Error: {exc.message}", file=sys.stderr)
+        if _signal_instead(exc, tgt.pidfile, signal.SIGUSR1, "reopen-logs") is None:
             return 1
-        pid = _master_pid(tgt.pidfile)
-        if pid is None:
-            print("Error: fcgi-manager is not running", file=sys.stderr)
-            return 1
-        _signal_master(pid, signal.SIGUSR1, "reopen-logs")
     _warn_broken(tgt)
     print("log reopened")
     return 0

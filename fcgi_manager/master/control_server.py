@@ -8,7 +8,7 @@ second). A reply is written as far as the socket takes it, the rest when it is w
 within ``WRITE_DEADLINE``. A connection waiting for a reload's outcome has no deadline:
 the reload's own deadline answers it. At most ``MAX_CONNECTIONS`` are open at once; past
 that the newest is closed at once, so a flood of idle connections costs a bounded number
-of descriptors.
+of descriptors (accepting, the cap, deadlines and closing: :mod:`.selector_conns`).
 
 The peer's uid is checked at accept (``SO_PEERCRED``): only the master's uid and root.
 """
@@ -19,47 +19,45 @@ import logging
 import os
 import selectors
 import socket
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 from ..errors import ProtocolError
 from ..wire import control
+from .selector_conns import SelectorConn, SelectorServer
 
 log = logging.getLogger("fcgi_manager.master")
 
 READ_DEADLINE = 2.0
 WRITE_DEADLINE = 5.0
-MAX_CONNECTIONS = 64
 
 # (connection, request id, command, args) -> None; replies go through ControlServer.reply
 RequestHandler = Callable[["ControlConnection", Any, str, Dict[str, Any]], None]
 
 
-class ControlConnection:
+class ControlConnection(SelectorConn):
     """One client: reading its request, waiting for its answer, or writing it."""
 
-    __slots__ = ("sock", "reader", "req_id", "deadline", "out", "state")
+    __slots__ = ("reader", "req_id", "out", "state")
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock = sock
+        super().__init__(sock, deadline)  # deadline 0 = none (waiting for a reload)
         self.reader = control.MessageReader()
         self.req_id: Any = 1
-        self.deadline = deadline  # 0 = none (waiting for a reload)
         self.out = b""
         self.state = "reading"  # reading -> waiting -> writing -> closed
 
 
-class ControlServer:
+class ControlServer(SelectorServer[ControlConnection]):
+    name = "control socket"
+    accept_deadline = READ_DEADLINE
+    warn_when_full = True
+
     def __init__(self, sock: socket.socket, selector: selectors.BaseSelector,
                  handler: RequestHandler, clock: Callable[[], float],
                  decode: Callable[[bytes], Any] = control.decode_request) -> None:
-        self.sock = sock
         self.decode = decode  # (id, command, args) from a body; the pool parent has its own
-        self.selector = selector
         self.handler = handler
-        self.clock = clock
-        self.conns: Dict[int, ControlConnection] = {}
-        sock.setblocking(False)
-        selector.register(sock, selectors.EVENT_READ, ("control", None))
+        super().__init__(sock, selector, "control", clock)
 
     # -- events from the selector ------------------------------------------------------
 
@@ -71,36 +69,19 @@ class ControlServer:
         elif conn.state == "writing":
             self._write(conn)
 
-    def _accept(self) -> None:
-        for _ in range(16):
-            try:
-                client, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("control socket: accept failed: %s", exc)
-                return
-            client.setblocking(False)
-            conn = ControlConnection(client, self.clock() + READ_DEADLINE)
-            if len(self.conns) >= MAX_CONNECTIONS:
-                log.warning("control socket: %d connections open already; closed a new one "
-                            "(a client that connects and sends nothing?)", MAX_CONNECTIONS)
-                client.close()
-                continue
-            self.conns[client.fileno()] = conn
-            self.selector.register(client, selectors.EVENT_READ, ("control", conn))
-            if not control.peer_allowed(client):
-                log.warning("refused a control connection from uid %s (only uid %d and root "
-                            "may control this master)", control.peer_uid(client), os.geteuid())
-                self.reply(conn, ok=False, error="permission denied")
+    def new_conn(self, sock: socket.socket, deadline: float) -> ControlConnection:
+        return ControlConnection(sock, deadline)
+
+    def accepted(self, conn: ControlConnection) -> None:
+        client = conn.sock
+        if not control.peer_allowed(client):
+            log.warning("refused a control connection from uid %s (only uid %d and root "
+                        "may control this master)", control.peer_uid(client), os.geteuid())
+            self.reply(conn, ok=False, error="permission denied")
 
     def _read(self, conn: ControlConnection) -> None:
-        try:
-            data = conn.sock.recv(max(conn.reader.wants(), 4096))
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.close(conn)
+        data = self._recv(conn, max(conn.reader.wants(), 4096))
+        if data is None:
             return
         try:
             body = conn.reader.feed(data)
@@ -118,12 +99,8 @@ class ControlServer:
         self.handler(conn, conn.req_id, name, args)
 
     def _write(self, conn: ControlConnection) -> None:
-        try:
-            sent = conn.sock.send(conn.out)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.close(conn)
+        sent = self._send(conn, conn.out)
+        if sent is None:
             return
         conn.out = conn.out[sent:]
         if not conn.out:
@@ -152,21 +129,8 @@ class ControlServer:
                 self.selector.register(conn.sock, selectors.EVENT_WRITE, ("control", conn))
 
     def close(self, conn: ControlConnection) -> None:
-        if conn.state == "closed":
-            return
         conn.state = "closed"
-        self.conns.pop(conn.sock.fileno(), None)
-        try:
-            self.selector.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
-        conn.sock.close()
-
-    def sweep(self, now: float) -> None:
-        """Close every connection past its deadline (a slow or silent client)."""
-        for conn in list(self.conns.values()):
-            if conn.deadline and now >= conn.deadline:
-                self.close(conn)
+        super().close(conn)
 
     def adopt(self, fd: int) -> ControlConnection:
         """A connection handed over across a reload's re-exec, waiting for its answer."""
@@ -176,15 +140,3 @@ class ControlServer:
         conn.state = "waiting"
         self.conns[fd] = conn
         return conn
-
-    def close_all(self) -> None:
-        for conn in list(self.conns.values()):
-            self.close(conn)
-        try:
-            self.selector.unregister(self.sock)
-        except (KeyError, ValueError):
-            pass
-
-    def child_fds(self) -> List[int]:
-        """Descriptors a forked child must close."""
-        return [self.sock.fileno()] + [c.sock.fileno() for c in self.conns.values()]

@@ -15,8 +15,9 @@ Never blocking the master: every connection is non-blocking and lives in the mas
 selector; its request is parsed by :class:`protocol.ServerConnection` from whatever pieces
 arrive; the reply is written as far as the socket takes it; a connection gets
 ``DEADLINE`` seconds in all, and at most ``MAX_CONNECTIONS`` are open (past that the
-newest is closed at once). One request per connection: the connection is closed after
-the reply (``shutdown`` first, so the peer reads all of it).
+newest is closed at once; that part is :mod:`.selector_conns`, as for the control
+socket). One request per connection: the connection is closed after the reply
+(``shutdown`` first, so the peer reads all of it).
 """
 
 from __future__ import annotations
@@ -24,47 +25,44 @@ from __future__ import annotations
 import logging
 import selectors
 import socket
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from ..errors import ProtocolError
 from ..wire import protocol
+from .selector_conns import SelectorConn, SelectorServer
 
 log = logging.getLogger("fcgi_manager.master")
 
 DEADLINE = 5.0
-MAX_CONNECTIONS = 64
 KIND = "status_listen"
 
 # params -> (status line, body, content type)
 Answer = Callable[[Dict[str, str]], Tuple[str, bytes, str]]
 
 
-class StatusConnection:
-    __slots__ = ("sock", "parser", "request_id", "params", "out", "deadline", "closed")
+class StatusConnection(SelectorConn):
+    __slots__ = ("parser", "request_id", "params", "out", "closed")
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock = sock
+        super().__init__(sock, deadline)
         self.parser = protocol.ServerConnection(max_params=64 * 1024, max_buffer=256 * 1024)
         self.request_id = 0
         self.params: Dict[str, str] = {}
         self.out = b""
-        self.deadline = deadline
         self.closed = False
 
 
-class StatusListener:
+class StatusListener(SelectorServer[StatusConnection]):
     """The socket and its connections, driven by the master's selector."""
+
+    name = "status.listen"
+    accept_deadline = DEADLINE
 
     def __init__(self, sock: socket.socket, selector: selectors.BaseSelector, answer: Answer,
                  clock: Callable[[], float]) -> None:
-        self.sock = sock
-        self.selector = selector
         self.answer = answer
-        self.clock = clock
-        self.conns: Dict[int, StatusConnection] = {}
         self.on_close: Callable[[], None] = lambda: None  # removes a unix socket's file
-        sock.setblocking(False)
-        selector.register(sock, selectors.EVENT_READ, (KIND, None))
+        super().__init__(sock, selector, KIND, clock)
 
     def on_event(self, conn: Optional[StatusConnection], mask: int) -> None:
         if conn is None:
@@ -74,30 +72,12 @@ class StatusListener:
         else:
             self._read(conn)
 
-    def _accept(self) -> None:
-        for _ in range(16):
-            try:
-                client, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("status.listen: accept failed: %s", exc)
-                return
-            if len(self.conns) >= MAX_CONNECTIONS:
-                client.close()
-                continue
-            client.setblocking(False)
-            conn = StatusConnection(client, self.clock() + DEADLINE)
-            self.conns[client.fileno()] = conn
-            self.selector.register(client, selectors.EVENT_READ, (KIND, conn))
+    def new_conn(self, sock: socket.socket, deadline: float) -> StatusConnection:
+        return StatusConnection(sock, deadline)
 
     def _read(self, conn: StatusConnection) -> None:
-        try:
-            data = conn.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.close(conn)
+        data = self._recv(conn, 65536)
+        if data is None:
             return
         if not data:
             self.close(conn)
@@ -142,12 +122,8 @@ class StatusListener:
             protocol.end_of_request(conn.request_id)
 
     def _write(self, conn: StatusConnection) -> None:
-        try:
-            sent = conn.sock.send(conn.out)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.close(conn)
+        sent = self._send(conn, conn.out)
+        if sent is None:
             return
         conn.out = conn.out[sent:]
         if conn.out:
@@ -161,32 +137,8 @@ class StatusListener:
         else:
             self.selector.modify(conn.sock, selectors.EVENT_READ, (KIND, conn))
 
-    def close(self, conn: StatusConnection) -> None:
-        if self.conns.pop(conn.sock.fileno(), None) is None:
-            return
-        try:
-            self.selector.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
-        conn.sock.close()
-
-    def sweep(self, now: float) -> None:
-        """Close every connection past its deadline (a slow or silent client)."""
-        for conn in list(self.conns.values()):
-            if now >= conn.deadline:
-                self.close(conn)
-
-    def child_fds(self) -> List[int]:
-        """Descriptors a forked child must close."""
-        return [self.sock.fileno()] + list(self.conns)
-
     def close_all(self) -> None:
-        for conn in list(self.conns.values()):
-            self.close(conn)
-        try:
-            self.selector.unregister(self.sock)
-        except (KeyError, ValueError):
-            pass
+        super().close_all()
         self.sock.close()
         self.on_close()
 

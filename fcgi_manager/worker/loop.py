@@ -19,104 +19,47 @@ is not running a request. The loop is assembled from parts the threaded loop
   this worker's request has run a few milliseconds (a watchdog thread does it while the
   app runs) and when it retires (recycle, scale-down, old generation of a reload); it
   takes theirs the same way, wake-one, like the listener.
-* :class:`~.worker_life.WorkerLife` -- signals, notes to the master, heartbeat, recycling.
+* :class:`~.life.WorkerLife` -- signals, notes to the master, heartbeat, recycling.
 
-This loop runs the app inline: what it keeps is the order of things around one poll.
+Both loops get these from :class:`~.parts.WorkerParts`, which also starts and ends the
+loop. This loop runs the app inline: what it keeps is the order of things around one poll.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, List
 
-from ..scoreboard import SlotWriter
-from ..sockets import ClientFilter
-from ..wire import notify
-from ..wire.states import WorkerState
 from .connection import IDLE_CONN_TIMEOUT, Conn
-from .conntable import EPOLLHUP, ConnTable
-from .handoff import HandoffChannel, HandoffClient
-from .life import (
-    EXIT_OK,
-    WorkerLife,
-    freeze_setup,
-)
-from .responder import Lane, Need, Responder, Result
-from .wsgi import EnvironBuilder, ErrorStream
+from .conntable import EPOLLHUP
+from .parts import WorkerParts
+from .responder import Lane, Need, Result
 
 log = logging.getLogger("fcgi_manager.worker")
-
-StatusPage = Callable[[str], Tuple[str, bytes, str]]
-
-
-def app_error_line(line: str) -> None:
-    log.warning("wsgi.errors: %s", line)
 
 
 class Worker:
     """The single-thread responder loop of one worker process (built and run in the
     child)."""
 
-    def __init__(
-        self,
-        *,
-        app: Callable[..., Any],
-        config: Any,
-        listener: Any,
-        slot: SlotWriter,
-        worker_id: int,
-        master_fd: int,
-        notify_fd: int,
-        max_requests: int,
-        status_page: Optional[StatusPage] = None,
-        client_filter: Optional[ClientFilter] = None,
-        handoff: Optional[HandoffChannel] = None,
-        previous: Optional[HandoffChannel] = None,
-    ) -> None:
-        self.slot = slot
-        self.master_fd = master_fd
-        self.graceful_timeout = config.workers.graceful_timeout
-        life = self.life = WorkerLife(config, slot, notify_fd, max_requests, worker_id)
-        table = self.table = ConnTable(config, listener, client_filter,
-                                       lambda: life.stopping, slot.count_backoff)
-        table.on_readable = self._readable
-        self.responder = Responder(app, config, slot, status_page, max_conns=table.max_idle)
-        self.client: Optional[HandoffClient] = None
-        if handoff is not None:
-            self.client = HandoffClient(table, handoff, previous,
-                                        config.workers.mode == "ondemand")
-        errors = ErrorStream(app_error_line)
-        environ = EnvironBuilder(errors, True, config.app.script_name, config.app.fix_root_url)
-        client = self.client
-        self.lane = Lane(slot, errors, environ, life.access,
+    def __init__(self, parts: WorkerParts) -> None:
+        self.parts = parts
+        self.graceful_timeout = parts.config.workers.graceful_timeout
+        self.life = parts.life
+        self.table = parts.table
+        self.table.on_readable = self._readable
+        self.responder = parts.responder
+        client = self.client = parts.client
+        errors, environ = parts.app_streams()
+        self.lane = Lane(parts.slot, errors, environ, parts.life.access,
                          enter=client.app_enter if client is not None else None,
                          leave=client.app_leave if client is not None else None)
-
-    @property
-    def stopping(self) -> bool:
-        return self.life.stopping
-
-    @property
-    def exit_code(self) -> int:
-        return self.life.exit_code
 
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> int:
-        life = self.life
-        life.install_signals()
-        self.table.open(self.master_fd, life.wakeup_r)
-        if self.client is not None:
-            self.client.start()
-        freeze_setup()
-        self.slot.set_state(WorkerState.IDLE)
-        life.notify(notify.READY)
-        try:
-            self._loop()
-        finally:
-            self._shutdown()
-        return life.exit_code
+        return self.parts.run(self._loop)
 
     def _loop(self) -> None:
         life = self.life
@@ -126,14 +69,15 @@ class Worker:
         listen_fd = table.listen_fd
         access = life.access
         client = self.client
+        stopping_turn = self.parts.stopping_turn
+        on_other = self.parts.on_other
+        housekeep = self.parts.housekeep
         poll_deadline = 0.0
         while True:
             if client is not None and client.released:
                 client.close_released()
             if life.stopping:
-                if table.accepting:
-                    table.stop_accepting(take_queue=life.exit_code == EXIT_OK)
-                self._retire_idle_kept(time.monotonic())
+                stopping_turn(time.monotonic())
                 # Fresh connections (accepted, request not here yet) and requests in
                 # progress are owed an answer: wait for them too.
                 if not conns:
@@ -166,41 +110,14 @@ class Worker:
                         table.close(conn)
                     else:
                         self._readable(conn)
-                elif fd == self.master_fd:
-                    ep.unregister(fd)
-                    life.on_master_gone()
-                elif fd == life.wakeup_r:
-                    life.on_wakeup()
-                elif client is not None:
-                    channel = client.channel_of(fd)
-                    if channel is not None:
-                        client.take(channel)
+                else:
+                    on_other(fd)
             if conns or table.resume_accept_at:
                 now = time.monotonic()
-                if table.resume_accept_at and now >= table.resume_accept_at:
-                    table.resume_accepting()
-                if now >= table.next_sweep:
-                    self.slot.beat(now)  # busy with connections: the sweep is the heartbeat
-                    table.sweep(now)
+                if now >= table.next_sweep or table.resume_accept_at:
+                    housekeep(now)  # busy with connections: the sweep is the heartbeat
             if not events and access is not None and access.pending:
                 access.flush_due(time.monotonic())  # idle: write what waits (busy: end() does)
-
-    def _retire_idle_kept(self, now: float) -> None:
-        client = self.client
-        if client is not None and client.hands_on(self.life.master_gone):
-            client.release_idle(None)
-        self.table.close_idle_kept(now)
-
-    def _shutdown(self) -> None:
-        if self.client is not None:
-            self.client.close_released()
-        for conn in list(self.table.conns.values()):
-            if conn.mid_request():
-                log.warning("closing a connection with an unfinished request at exit")
-            self.table.close(conn)
-        self.slot.set_state(WorkerState.STOPPING)
-        if self.life.access is not None:
-            self.life.access.close()
 
     # -- one connection -------------------------------------------------------------------
 

@@ -3,10 +3,11 @@
 For apps that spend their time waiting (a database, a cache, another HTTP API), a whole
 process per waiting request is memory spent on nothing; gunicorn's ``gthread`` and
 uWSGI's ``--threads`` run a pool of threads per process instead. This is the same idea,
-built so that the ``threads = 1`` loop in :mod:`.worker` stays untouched (no lock, no queue
-on its hot path): a threaded worker is a different loop, assembled from the same parts --
-the connection table (:mod:`.conntable`), the request core (:mod:`.responder`), the
-hand-off client (:mod:`.handoff`) and the process's life (:mod:`.worker_life`).
+built so that the ``threads = 1`` loop in :mod:`.loop` stays untouched (no lock, no queue
+on its hot path): a threaded worker is a different loop, assembled from the same parts
+(:mod:`.parts`) -- the connection table (:mod:`.conntable`), the request core
+(:mod:`.responder`), the hand-off client (:mod:`.handoff`) and the process's life
+(:mod:`.life`).
 
 * **The main thread owns the epoll**: the listening socket, every connection that is not
   running a request (new ones, idle kept ones, ones still sending their request), the
@@ -53,20 +54,17 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
+from typing import Any, Deque, Dict, List, Tuple, Union
 
 from ..escaping import escape
-from ..scoreboard import Scoreboard, SlotWriter, ThreadSlotWriter
-from ..sockets import ClientFilter
-from ..wire import notify
-from ..wire.states import WorkerState
+from ..scoreboard import Scoreboard, ThreadSlotWriter
 from .connection import IDLE_CONN_TIMEOUT, Conn
-from .conntable import EPOLLHUP, ConnTable
-from .handoff import HANDOFF_AFTER, SENT, HandoffChannel, HandoffClient
-from .life import EXIT_OK, WorkerLife, freeze_setup
-from .loop import StatusPage, Worker, app_error_line
-from .responder import Lane, Need, Responder, Result
-from .wsgi import EnvironBuilder, ErrorStream
+from .conntable import EPOLLHUP
+from .handoff import HANDOFF_AFTER, SENT
+from .life import EXIT_OK
+from .loop import Worker
+from .parts import WorkerParts
+from .responder import Lane, Need, Result
 
 log = logging.getLogger("fcgi_manager.worker")
 
@@ -74,40 +72,16 @@ log = logging.getLogger("fcgi_manager.worker")
 class ThreadedWorker:
     """The worker loop for ``workers.threads`` > 1 (see the module docstring)."""
 
-    def __init__(
-        self,
-        *,
-        thread_slots: List[ThreadSlotWriter],
-        app: Callable[..., Any],
-        config: Any,
-        listener: Any,
-        slot: SlotWriter,
-        worker_id: int,
-        master_fd: int,
-        notify_fd: int,
-        max_requests: int,
-        status_page: Optional[StatusPage] = None,
-        client_filter: Optional[ClientFilter] = None,
-        handoff: Optional[HandoffChannel] = None,
-        previous: Optional[HandoffChannel] = None,
-    ) -> None:
-        w = config.workers
-        self.cfg = config
-        self.slot = slot
-        self.master_fd = master_fd
-        self.threads = len(thread_slots)
-        life = self.life = WorkerLife(config, slot, notify_fd, max_requests, worker_id)
-        table = self.table = ConnTable(config, listener, client_filter,
-                                       lambda: life.stopping, slot.count_backoff, paced=True)
-        table.on_readable = self._readable
-        self.responder = Responder(app, config, slot, status_page,
-                                   max_conns=table.max_idle + self.threads,
-                                   max_reqs=self.threads)
-        self.client: Optional[HandoffClient] = None
-        if handoff is not None:
-            self.client = HandoffClient(table, handoff, previous, w.mode == "ondemand",
-                                        watchdog=False)
-        self.lanes = [self._lane(s) for s in thread_slots]
+    def __init__(self, parts: WorkerParts) -> None:
+        self.parts = parts
+        self.cfg = parts.config
+        self.threads = len(parts.thread_slots)
+        self.life = parts.life
+        self.table = parts.table
+        self.table.on_readable = self._readable
+        self.responder = parts.responder
+        self.client = parts.client
+        self.lanes = [self._lane(s) for s in parts.thread_slots]
         self.free = self.threads  # app threads not running a request (main thread's count)
         self.jobs: queue.SimpleQueue[Tuple[Conn, Lane]] = queue.SimpleQueue()
         self.idle_lanes: List[Lane] = list(self.lanes)
@@ -122,10 +96,7 @@ class ThreadedWorker:
         self._backlog_turn = False
 
     def _lane(self, slot: ThreadSlotWriter) -> Lane:
-        errors = ErrorStream(app_error_line)
-        environ = EnvironBuilder(errors, True, self.cfg.app.script_name,
-                                 self.cfg.app.fix_root_url)
-        environ.template["wsgi.multithread"] = True
+        errors, environ = self.parts.app_streams()
         access = self.life.access
         return Lane(slot, errors, environ,
                     access.thread_meter() if access is not None else None,
@@ -136,30 +107,10 @@ class ThreadedWorker:
         if not self.life.stopping:
             self.life.check_memory()
 
-    @property
-    def stopping(self) -> bool:
-        return self.life.stopping
-
-    @property
-    def exit_code(self) -> int:
-        return self.life.exit_code
-
     # -- the main thread's loop -----------------------------------------------------------
 
     def run(self) -> int:
-        life = self.life
-        life.install_signals()
-        self.table.open(self.master_fd, life.wakeup_r, self._done_r)
-        if self.client is not None:
-            self.client.start()
-        freeze_setup()
-        self.slot.set_state(WorkerState.IDLE)
-        life.notify(notify.READY)
-        try:
-            self._loop()
-        finally:
-            self._shutdown()
-        return life.exit_code
+        return self.parts.run(self._loop, self._done_r)
 
     def _loop(self) -> None:
         for index in range(self.threads):
@@ -172,15 +123,16 @@ class ThreadedWorker:
         listen_fd = table.listen_fd
         done_r = self._done_r
         client = self.client
+        stopping_turn = self.parts.stopping_turn
+        on_other = self.parts.on_other
+        housekeep = self.parts.housekeep
         deadline = 0.0
         while True:
             if client is not None and client.released:
                 client.close_released()
             if life.stopping:
-                if table.accepting:
-                    table.stop_accepting(take_queue=life.exit_code == EXIT_OK)
                 now = time.monotonic()
-                self._retire_idle_kept(now)
+                stopping_turn(now)
                 if not conns and not self.running:
                     return
                 if life.access is not None and life.access.pending:
@@ -214,7 +166,7 @@ class ThreadedWorker:
                 conn = conns.get(fd)
                 if conn is not None:
                     if ev & EPOLLHUP and conn.last_used and not conn.mid_request():
-                        table.close(conn)  # nginx closed a kept connection (see worker.py)
+                        table.close(conn)  # nginx closed a kept connection (see loop.py)
                     elif self.free <= len(self.waiting) and not conn.mid_request() \
                             and not conn.pending:
                         table.unregister(conn)  # no thread free: hold it, unread
@@ -223,22 +175,12 @@ class ThreadedWorker:
                         self._readable(conn)
                 elif fd == done_r:
                     self._collect()
-                elif fd == self.master_fd:
-                    ep.unregister(fd)
-                    life.on_master_gone()
-                elif fd == life.wakeup_r:
-                    life.on_wakeup()
-                elif client is not None:
-                    channel = client.channel_of(fd)
-                    if channel is not None:
-                        client.take(channel)
+                else:
+                    on_other(fd)
             if conns or table.resume_accept_at:
                 now = time.monotonic()
-                if table.resume_accept_at and now >= table.resume_accept_at:
-                    table.resume_accepting()
-                if now >= table.next_sweep:
-                    self.slot.beat(now)
-                    table.sweep(now)
+                if now >= table.next_sweep or table.resume_accept_at:
+                    housekeep(now)
             if self.held:
                 self._hand_on_held()
             self._pace()
@@ -259,12 +201,6 @@ class ThreadedWorker:
         if self.client is not None and self.client.hand_on is None:
             self.client.watch(room and not self.life.stopping)
 
-    def _retire_idle_kept(self, now: float) -> None:
-        client = self.client
-        if client is not None and client.hands_on(self.life.master_gone):
-            client.release_idle(None)
-        self.table.close_idle_kept(now)
-
     def _log_left_running(self) -> None:
         for conn in self.running.values():
             params = conn.params or {}
@@ -272,17 +208,6 @@ class ThreadedWorker:
                         "%s (its client gets an error)",
                         escape(f"{params.get('REQUEST_METHOD', '?')} "
                                f"{(params.get('REQUEST_URI') or '')[:200]}"))
-
-    def _shutdown(self) -> None:
-        if self.client is not None:
-            self.client.close_released()
-        for conn in list(self.table.conns.values()):
-            if conn.mid_request():
-                log.warning("closing a connection with an unfinished request at exit")
-            self.table.close(conn)
-        self.slot.set_state(WorkerState.STOPPING)
-        if self.life.access is not None:
-            self.life.access.close()
 
     # -- handing requests to threads and taking them back ---------------------------------
 
@@ -444,5 +369,6 @@ def build_worker(board: Scoreboard, slot_index: int, **kwargs: Any) -> AnyWorker
     """The worker loop the config asks for: the one-thread loop, or the threaded one with
     the thread entries the master reserved for this slot."""
     if kwargs["config"].workers.threads > 1:
-        return ThreadedWorker(thread_slots=board.thread_writers(slot_index), **kwargs)
-    return Worker(**kwargs)
+        return ThreadedWorker(WorkerParts(thread_slots=board.thread_writers(slot_index),
+                                          **kwargs))
+    return Worker(WorkerParts(**kwargs))
