@@ -4,7 +4,7 @@ One thread, one ``epoll``. It watches the listening socket (``EPOLLEXCLUSIVE``, 
 connection wakes one worker), the pipe whose other end only the master holds (EOF = the
 master died: finish and exit), its signal wakeup pipe, and every connection it holds that
 is not running a request. The loop is assembled from parts the threaded loop
-(``threaded.py``) holds too:
+(``threaded``) holds too:
 
 * :class:`~.conntable.ConnTable` -- the connections and the epoll: **input never blocks
   the worker** (bytes are read with ``MSG_DONTWAIT`` semantics and fed to the sans-I/O
