@@ -133,6 +133,7 @@ class ConnTable:
         # connections with requests waiting are not starved by a stream of new ones.
         accept = self.listener._accept  # type: ignore[attr-defined]  # (fd, address): no socket object
         accept_nb = self._accept_nb
+        peer: Any  # "" (unix) or (host, port): declared, or compiled code would take str
         for _ in range(budget):
             if not while_stopping and self.stopping():
                 return

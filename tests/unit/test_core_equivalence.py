@@ -255,19 +255,26 @@ class _Slot:
 
 
 def _converse(cores: Tuple[Any, Any, Any], parts: List[bytes], app: Callable[..., Any],
-              workers: Dict[str, Any], status: Dict[str, Any]) -> Tuple[Any, ...]:
-    """``parts`` sent one after the other on one unix connection to a :class:`ConnTable`
-    and :class:`Responder` of one core, served as the single-thread loop serves them; what
-    the client received, and what the request path did."""
+              workers: Dict[str, Any], status: Dict[str, Any],
+              family: str = "unix") -> Tuple[Any, ...]:
+    """``parts`` sent one after the other on one connection (unix or TCP) to a
+    :class:`ConnTable` and :class:`Responder` of one core, served as the single-thread loop
+    serves them; what the client received, and what the request path did."""
     table_mod, responder_mod, wsgi = cores
     config = Config(workers=WorkersConfig(**workers), status=StatusConfig(**status))
     trace: List[Any] = []
     slot = _Slot(trace)
     with tempfile.TemporaryDirectory(prefix="fcgi-eq-") as tmp:
-        path = os.path.join(tmp, "s")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
+        if family == "unix":
+            kind, address = socket.AF_UNIX, os.path.join(tmp, "s")
+        else:
+            kind, address = socket.AF_INET, ("127.0.0.1", 0)
+        listener = socket.socket(kind, socket.SOCK_STREAM)
+        listener.bind(address)
         listener.listen(4)
+        address = listener.getsockname()
+        # Loopback TCP delivers within the send, as a unix socket does; the wait is slack.
+        wait = 0.0 if family == "unix" else 0.01
         table = table_mod.ConnTable(config, listener, None, lambda: False, lambda: None)
         responder = responder_mod.Responder(
             app, config, slot, lambda query: ("200 OK", f"status {query}".encode(),
@@ -304,18 +311,19 @@ def _converse(cores: Tuple[Any, Any, Any], parts: List[bytes], app: Callable[...
 
         def serve() -> None:
             while True:
-                ready = [table.conns[fd] for fd, _ in table.epoll.poll(0) if fd in table.conns]
+                ready = [table.conns[fd] for fd, _ in table.epoll.poll(wait)
+                         if fd in table.conns]
                 if not ready:
                     return
                 for conn in ready:
                     readable(conn)
 
         table.on_readable = readable
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client = socket.socket(kind, socket.SOCK_STREAM)
         received = b""
         try:
             table.open()
-            client.connect(path)
+            client.connect(address)
             table.accept()
             for part in parts:
                 try:
@@ -404,11 +412,12 @@ def _wire(reqs: List[Tuple[Dict[str, str], bytes, str]], keep_last: bool,
        blocks=st.lists(st.binary(max_size=300), max_size=3),
        raise_at=st.one_of(st.none(), st.integers(0, 3)),
        max_body=st.sampled_from([0, 100]), in_memory=st.sampled_from([0, 1 << 20]),
-       queue_timeout=st.sampled_from([0.0, 5.0]), special=st.booleans())
+       queue_timeout=st.sampled_from([0.0, 5.0]), special=st.booleans(),
+       family=st.sampled_from(["unix", "tcp"]))
 def test_same_conversation_through_table_and_responder(
         reqs: List[Tuple[Dict[str, str], bytes, str]], keep_last: bool, tail: bytes, cut: int,
         shape: str, blocks: List[bytes], raise_at: Optional[int], max_body: int,
-        in_memory: int, queue_timeout: float, special: bool) -> None:
+        in_memory: int, queue_timeout: float, special: bool, family: str) -> None:
     parts = _wire(reqs, keep_last, tail)
     point = cut % (len(parts[0]) + 1)  # the first request comes in two reads
     parts[:1] = [parts[0][:point], parts[0][point:]]
@@ -416,7 +425,7 @@ def test_same_conversation_through_table_and_responder(
     workers = {"max_body": max_body, "max_body_in_memory": in_memory,
                "queue_timeout": queue_timeout}
     status = {"path": "/status", "ping_path": "/ping"} if special else {}
-    compiled_run = _converse((ct, cr, cw), parts, app, workers, status)
-    pure_run = _converse((pt, pr, pw), parts, app, workers, status)
+    compiled_run = _converse((ct, cr, cw), parts, app, workers, status, family)
+    pure_run = _converse((pt, pr, pw), parts, app, workers, status, family)
     assert compiled_run == pure_run
     assert compiled_run[1]  # something was served or refused: the harness reached the core
