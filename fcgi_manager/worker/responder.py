@@ -114,21 +114,22 @@ class Responder:
         """Act on parsed events up to a complete request; the events after it wait in
         ``conn.pending`` until the request is answered."""
         for i, ev in enumerate(events):
-            kind = type(ev)
-            if kind is protocol.Stdin:
+            # isinstance, not type() is: compiled, it reads the event's fields directly
+            # (the event classes have no subclasses)
+            if isinstance(ev, protocol.Stdin):
                 body = conn.body
                 assert body is not None
                 try:
                     body.append(ev.data)
                 except OSError as exc:  # the spool file: disk full, file too large
                     return self._spool_failed(conn, exc)
-            elif kind is protocol.Params:
+            elif isinstance(ev, protocol.Params):
                 conn.params = ev.params
                 try:
                     conn.body = new_body(ev.params, self.max_body_in_memory, self.max_body)
                 except OSError as exc:  # no temporary file: out of descriptors, no space
                     return self._spool_failed(conn, exc)
-            elif kind is protocol.StdinEnd:
+            elif isinstance(ev, protocol.StdinEnd):
                 if i + 1 < len(events):  # usually the last event: nothing to keep
                     rest = events[i + 1:]
                     if any(type(e) is protocol.AbortRequest and e.request_id == ev.request_id
@@ -138,27 +139,27 @@ class Responder:
                         continue
                     conn.pending = rest + conn.pending
                 return Need.APP
-            elif kind is protocol.BeginRequest:
+            elif isinstance(ev, protocol.BeginRequest):
                 conn.request_id = ev.request_id
                 if conn.last_used:  # a kept connection's next request: its own read time
                     conn.deadline = time.monotonic() + self.read_timeout
                 # (a new connection's read time runs from its accept, so "the oldest
                 # unfinished" is the one connected first, whenever its bytes were read)
-            elif kind is protocol.AbortRequest:
+            elif isinstance(ev, protocol.AbortRequest):
                 if conn.request_id == ev.request_id:
                     # Aborted before the app ran: end it without calling the app.
                     if not self.end_request(conn, 0):
                         return Need.CLOSE
-            elif kind is protocol.GetValues:
+            elif isinstance(ev, protocol.GetValues):
                 values = self.values
                 if not self.reply(conn, protocol.encode_get_values_result(
                         {n: values[n] for n in ev.names if n in values})):
                     return Need.CLOSE
-            elif kind is protocol.Rejected:
+            elif isinstance(ev, protocol.Rejected):
                 if not self.reply(conn, protocol.encode_end_request(ev.request_id, 0,
                                                                     ev.protocol_status)):
                     return Need.CLOSE
-            elif kind is protocol.UnknownType:
+            elif isinstance(ev, protocol.UnknownType):
                 if not self.reply(conn, protocol.encode_unknown_type(ev.record_type)):
                     return Need.CLOSE
         return Need.MORE
