@@ -23,9 +23,12 @@ from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
 from support import (
+    FCGI_ABORT,
     FCGI_BEGIN,
+    FCGI_END,
     FCGI_GET_VALUES,
     FCGI_PARAMS,
+    FCGI_STDOUT,
     FcgiReply,
     cgi_params,
     connect_fcgi,
@@ -112,6 +115,35 @@ def test_a_reply_flood_that_is_never_read_does_not_pin_the_worker(
         thread.join(5)
     assert "records to answer without a request" in w.log()
     assert w.request("/").body == b"hello" and w.alive()
+
+
+def test_the_records_of_a_request_aborted_before_its_app_are_ignored(
+        worker: Callable[..., WorkerProcess]) -> None:
+    """ABORT_REQUEST, then the aborted request's PARAMS and STDIN in the same read: the
+    request ends (END_REQUEST for it) and the rest of it is dropped -- no app call, no
+    response under request id 0 -- and the next request on the connection is served."""
+    def answers(environ: Dict[str, Any], start_response: Callable) -> List[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"served " + environ["PATH_INFO"].encode()]
+
+    w = worker(answers)
+    begin = struct.pack("!HB5x", 1, 1)  # RESPONDER, keep the connection
+    aborted = fcgi_request_bytes(cgi_params("/aborted"), rid=1, keep_conn=True)
+    head = len(fcgi_record(FCGI_BEGIN, 1, begin))
+    sock = connect_fcgi(w.address, 30)
+    try:
+        sock.sendall(aborted[:head] + fcgi_record(FCGI_ABORT, 1) + aborted[head:])
+        first = read_fcgi_records(sock, rid=1)  # the empty STDOUT that ends the stream
+        assert [(t, r, c) for t, r, c in first[:-1]] == [(FCGI_STDOUT, 1, b"")], first
+        assert first[-1][:2] == (FCGI_END, 1), first
+        # As a web server does: the next request once the last one has ended.
+        sock.sendall(fcgi_request_bytes(cgi_params("/next"), rid=2, keep_conn=True))
+        second = FcgiReply(read_fcgi_records(sock, rid=2))
+        assert {r for _, r, _ in second.records} == {2}, second.records
+        assert second.stdout.endswith(b"served /next"), second.stdout
+    finally:
+        sock.close()
+    assert w.alive()
 
 
 # -- WSGI output is validated -------------------------------------------------------

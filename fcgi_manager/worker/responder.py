@@ -117,6 +117,8 @@ class Responder:
             # isinstance, not type() is: compiled, it reads the event's fields directly
             # (the event classes have no subclasses)
             if isinstance(ev, protocol.Stdin):
+                if ev.request_id != conn.request_id:
+                    continue  # the rest of a request aborted before its app ran
                 body = conn.body
                 assert body is not None
                 try:
@@ -124,12 +126,16 @@ class Responder:
                 except OSError as exc:  # the spool file: disk full, file too large
                     return self._spool_failed(conn, exc)
             elif isinstance(ev, protocol.Params):
+                if ev.request_id != conn.request_id:
+                    continue  # parsed in the same read as the abort that ended it
                 conn.params = ev.params
                 try:
                     conn.body = new_body(ev.params, self.max_body_in_memory, self.max_body)
                 except OSError as exc:  # no temporary file: out of descriptors, no space
                     return self._spool_failed(conn, exc)
             elif isinstance(ev, protocol.StdinEnd):
+                if ev.request_id != conn.request_id:
+                    continue
                 if i + 1 < len(events):  # usually the last event: nothing to keep
                     rest = events[i + 1:]
                     if any(type(e) is protocol.AbortRequest and e.request_id == ev.request_id
