@@ -1,8 +1,7 @@
 """Build the request core compiled where a C compiler is present, pure Python otherwise.
 
 Everything else about the package is in ``pyproject.toml``. The request core
-(``fcgi_manager/wire/protocol.py``, ``fcgi_manager/worker/wsgi.py`` and the worker's per-request
-path: ``connection.py``, ``responder.py``, ``conntable.py``) is compiled with mypyc from the
+(``fcgi_manager/wire/protocol.py`` and ``fcgi_manager/worker/wsgi.py``) is compiled with mypyc from the
 same typed source the pure package runs (README, "Design": why mypyc). The build is
 optional on purpose: no mypyc, no compiler, no Python headers, or a compile error, and the
 package installs with its pure modules, which behave identically. ``FCGI_MANAGER_PURE=1``
@@ -18,9 +17,7 @@ from typing import Any, List
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-CORE = ["fcgi_manager/wire/protocol.py", "fcgi_manager/worker/wsgi.py",
-        "fcgi_manager/worker/connection.py", "fcgi_manager/worker/responder.py",
-        "fcgi_manager/worker/conntable.py"]
+CORE = ["fcgi_manager/wire/protocol.py", "fcgi_manager/worker/wsgi.py"]
 # One shared library inside the package (mypyc's default is a hash-named top-level module).
 GROUP = "fcgi_manager._core"
 

@@ -1,7 +1,6 @@
 """Which request core runs: the modules compiled from this package's source, or the source.
 
-The request core (``wire.protocol``, ``worker.wsgi``, and the worker's per-request path:
-``worker.connection``, ``worker.responder``, ``worker.conntable``) may be installed twice: the
+The request core (``wire.protocol``, ``worker.wsgi``) may be installed twice: the
 ``.py`` files, and beside each the extension module mypyc built from that very file
 (``setup.py``). Python's import system prefers an extension, so the choice is made here,
 once, before either is imported (``fcgi_manager/__init__.py`` calls :func:`install`): the
@@ -13,8 +12,7 @@ compiled core runs unless
   the tree says), or fails to load.
 
 All or nothing: the compiled modules call each other directly inside one shared library,
-so a compiled ``wsgi`` never runs beside a pure ``protocol``, nor a compiled
-``responder`` beside a pure ``connection``. The README ("Design")
+so a compiled ``wsgi`` never runs beside a pure ``protocol``. The README ("Design")
 says why mypyc and what it buys.
 """
 
@@ -29,9 +27,8 @@ from types import ModuleType
 from typing import Dict, Optional, Sequence
 
 PACKAGE = __name__.rpartition(".")[0]
-# In import order (each imports only those before it), as names under the package.
-MODULES = ("wire.protocol", "worker.wsgi", "worker.connection", "worker.responder",
-           "worker.conntable")
+# In import order (wsgi imports protocol), as names under the package.
+MODULES = ("wire.protocol", "worker.wsgi")
 # The compiled code of all of them, one library (the modules above are thin shims into it).
 SHARED_LIB = "_core__mypyc"
 PURE_ENV = "FCGI_MANAGER_PURE"
@@ -135,7 +132,7 @@ def load_pure() -> Dict[str, ModuleType]:
     """Fresh pure-Python copies of the core's modules, wired to each other, under private
     names (``fcgi_manager.wire._pure_protocol``, ...), whatever this process runs: for tests and
     benchmarks that compare the two cores in one process. Keyed by the last part of each
-    module's name (``"protocol"``, ``"wsgi"``, ``"connection"``, ...)."""
+    module's name (``"protocol"``, ``"wsgi"``)."""
     loaded: Dict[str, ModuleType] = {}
     parents = {m: importlib.import_module(f"{PACKAGE}.{m.rpartition('.')[0]}")
                for m in MODULES}

@@ -69,9 +69,7 @@ class ConnTable:
         self._emfile_logged = 0.0
         self._backoff_delay = 0.0
         self._backoff_last = 0.0
-        # (not ``_unix``: compiled, the attribute is a C field ``__unix``, which C
-        # compilers predefine as a macro)
-        self._unix_listener = False
+        self._unix = False
         self._accept_nb: Optional[Callable[[], int]] = None
         self._probe = select.poll()
 
@@ -110,11 +108,11 @@ class ConnTable:
         # the first read is preceded by a zero-timeout poll (see accept), and the send
         # timeout is set on a connection only once it could block -- a write of 64 KiB
         # or more, or a second request on a kept connection (Conn.send).
-        self._unix_listener = self.listener.family == socket.AF_UNIX
-        Conn.lazy_sndtimeo = timeouts[0][1] if self._unix_listener else None
+        self._unix = self.listener.family == socket.AF_UNIX
+        Conn.lazy_sndtimeo = timeouts[0][1] if self._unix else None
         Conn.write_timeout = self.write_timeout
         # Better still on unix sockets: accept them non-blocking (no probe, no SO_SNDTIMEO).
-        self._accept_nb = nonblocking_acceptor(self.listen_fd) if self._unix_listener else None
+        self._accept_nb = nonblocking_acceptor(self.listen_fd) if self._unix else None
 
     def ready_now(self, fd: int) -> bool:
         """Has ``fd`` bytes to read right now? (select.poll register/unregister are not
@@ -133,7 +131,6 @@ class ConnTable:
         # connections with requests waiting are not starved by a stream of new ones.
         accept = self.listener._accept  # type: ignore[attr-defined]  # (fd, address): no socket object
         accept_nb = self._accept_nb
-        peer: Any  # "" (unix) or (host, port): declared, or compiled code would take str
         for _ in range(budget):
             if not while_stopping and self.stopping():
                 return
@@ -158,7 +155,7 @@ class ConnTable:
             if accept_nb is not None:
                 conn.timed = True  # non-blocking: writes wait with poll, never SO_SNDTIMEO
                 self.on_readable(conn)  # EAGAIN parks it
-            elif self._unix_listener and not self.ready_now(fd):
+            elif self._unix and not self.ready_now(fd):
                 self.park(conn)  # no SO_RCVTIMEO on unix sockets: never read blind
             else:
                 self.on_readable(conn)

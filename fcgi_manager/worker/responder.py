@@ -114,8 +114,6 @@ class Responder:
         """Act on parsed events up to a complete request; the events after it wait in
         ``conn.pending`` until the request is answered."""
         for i, ev in enumerate(events):
-            # isinstance, not type() is: compiled, it reads the event's fields directly
-            # (the event classes have no subclasses)
             if isinstance(ev, protocol.Stdin):
                 if ev.request_id != conn.request_id:
                     continue  # the rest of a request aborted before its app ran

@@ -1,7 +1,5 @@
 """The compiled request core and the pure one are the same program: for any input, the
-same records, events, params, environ and response bytes, and the same errors; and for
-any conversation on a connection, the same answers from the worker's connection table and
-responder (what it reads, answers itself, hands to the app, keeps or closes).
+same records, events, params, environ and response bytes, and the same errors.
 
 Both run in this process: the compiled modules as imported, the pure ones loaded from
 their source under private names (``compiled.load_pure``). Skipped where the compiled
@@ -11,8 +9,6 @@ core is not built or not in use (``FCGI_MANAGER_PURE=1``): CI builds it.
 from __future__ import annotations
 
 import os
-import socket
-import tempfile
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
@@ -21,11 +17,7 @@ from hypothesis import strategies as st
 from support import describe_event
 
 from fcgi_manager import compiled
-from fcgi_manager.config import Config, StatusConfig, WorkersConfig
 from fcgi_manager.wire import protocol as cp
-from fcgi_manager.worker import connection as cc
-from fcgi_manager.worker import conntable as ct
-from fcgi_manager.worker import responder as cr
 from fcgi_manager.worker import wsgi as cw
 
 if compiled.core() != "compiled":
@@ -38,9 +30,6 @@ if compiled.core() != "compiled":
 PURE = compiled.load_pure()
 pp = PURE["protocol"]
 pw = PURE["wsgi"]
-pc = PURE["connection"]
-pr = PURE["responder"]
-pt = PURE["conntable"]
 
 SETTINGS = settings(max_examples=100, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -54,16 +43,9 @@ cuts = st.lists(st.integers(min_value=0, max_value=1 << 18), max_size=12)
 
 
 def test_the_two_cores_are_different_modules() -> None:
-    for module in (cp, cw, cc, cr, ct):
-        assert not (module.__file__ or "").endswith(".py")
-    for module in PURE.values():
-        assert (module.__file__ or "").endswith(".py")
-    # Each pure module runs on the pure ones before it, never on a compiled one.
-    assert pw.protocol is pp
-    assert pc.protocol is pp and pc.ClientGone is pw.ClientGone
-    assert pr.Conn is pc.Conn and pr.run_app is pw.run_app
-    assert pt.Conn is pc.Conn and pt.peer_name is pr.peer_name
-    assert cr.Conn is cc.Conn and ct.Conn is cc.Conn
+    assert not (cp.__file__ or "").endswith(".py")
+    assert (pp.__file__ or "").endswith(".py") and (pw.__file__ or "").endswith(".py")
+    assert pw.protocol is pp  # the pure wsgi runs on the pure protocol
 
 
 def _split(data: bytes, points: List[int]) -> List[bytes]:
@@ -231,201 +213,3 @@ def test_same_response_bytes_for_any_app(status: Any, headers: Any, body: List[A
                                          rid: int) -> None:
     app = _make_app(status, headers, body, shape, raise_at)
     assert _respond(cw, app, rid) == _respond(pw, app, rid)
-
-
-# -- a connection through the worker's table and responder ---------------------------------
-
-class _Slot:
-    """The scoreboard slot, as a record of what the request path told it."""
-
-    def __init__(self, trace: List[Any]) -> None:
-        self.trace = trace
-
-    def busy(self, method: str, uri: str) -> None:
-        self.trace.append(("busy", method, uri))
-
-    def idle(self) -> None:
-        self.trace.append("idle")
-
-    def draining(self) -> bool:
-        return False
-
-    def count_shed(self) -> None:
-        self.trace.append("shed")
-
-
-def _converse(cores: Tuple[Any, Any, Any], parts: List[bytes], app: Callable[..., Any],
-              workers: Dict[str, Any], status: Dict[str, Any],
-              family: str = "unix") -> Tuple[Any, ...]:
-    """``parts`` sent one after the other on one connection (unix or TCP) to a
-    :class:`ConnTable` and :class:`Responder` of one core, served as the single-thread loop
-    serves them; what the client received, and what the request path did."""
-    table_mod, responder_mod, wsgi = cores
-    config = Config(workers=WorkersConfig(**workers), status=StatusConfig(**status))
-    trace: List[Any] = []
-    slot = _Slot(trace)
-    with tempfile.TemporaryDirectory(prefix="fcgi-eq-") as tmp:
-        if family == "unix":
-            kind, address = socket.AF_UNIX, os.path.join(tmp, "s")
-        else:
-            kind, address = socket.AF_INET, ("127.0.0.1", 0)
-        listener = socket.socket(kind, socket.SOCK_STREAM)
-        listener.bind(address)
-        listener.listen(4)
-        address = listener.getsockname()
-        # Loopback TCP delivers within the send, as a unix socket does; the wait is slack.
-        wait = 0.0 if family == "unix" else 0.01
-        table = table_mod.ConnTable(config, listener, None, lambda: False, lambda: None)
-        responder = responder_mod.Responder(
-            app, config, slot, lambda query: ("200 OK", f"status {query}".encode(),
-                                              "text/plain"))
-        errors = wsgi.ErrorStream(lambda line: None)
-        lane = responder_mod.Lane(slot, errors, wsgi.EnvironBuilder(errors))
-        need_more, need_close = responder_mod.Need.MORE, responder_mod.Need.CLOSE
-        keep = responder_mod.Result.KEEP
-
-        def readable(conn: Any) -> None:
-            events = table.read(conn)
-            if events is None:
-                trace.append("parked" if conn.fd in table.conns else "closed")
-                return
-            while True:
-                need = responder.receive(conn, events)
-                trace.append(need.name)
-                if need is need_more:
-                    table.park(conn)
-                    return
-                if need is need_close:
-                    table.close(conn)
-                    return
-                result = responder.respond(conn, lane)
-                trace.append(result.name)
-                if result is not keep or not conn.parser.keep_conn:
-                    table.close(conn)
-                    return
-                conn.last_used = 1.0
-                if not conn.pending:
-                    table.park(conn)
-                    return
-                events, conn.pending = conn.pending, []
-
-        def serve() -> None:
-            while True:
-                ready = [table.conns[fd] for fd, _ in table.epoll.poll(wait)
-                         if fd in table.conns]
-                if not ready:
-                    return
-                for conn in ready:
-                    readable(conn)
-
-        table.on_readable = readable
-        client = socket.socket(kind, socket.SOCK_STREAM)
-        received = b""
-        try:
-            table.open()
-            client.connect(address)
-            table.accept()
-            for part in parts:
-                try:
-                    client.sendall(part)
-                except OSError as exc:
-                    trace.append(("send failed", type(exc).__name__))
-                    break
-                serve()
-            client.shutdown(socket.SHUT_WR)
-            serve()
-            while True:
-                chunk = client.recv(1 << 20)
-                if not chunk:
-                    break
-                received += chunk
-        except OSError as exc:
-            trace.append(("client", type(exc).__name__))
-        finally:
-            client.close()
-            for conn in list(table.conns.values()):
-                table.close(conn)
-            table.epoll.close()
-            listener.close()
-    return received, trace
-
-
-def _request_app(shape: str, blocks: List[bytes], raise_at: Optional[int]) -> Callable[..., Any]:
-    """An app that reads its body and answers with what it saw, then ``blocks``."""
-    def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        body = environ["wsgi.input"].read()
-        seen = (f"{environ['REQUEST_METHOD']} {environ['PATH_INFO']} {len(body)} "
-                f"{sum(body) & 0xFFFF}\n").encode()
-        return _make_app("200 OK", [("Content-Type", "text/plain")], [seen, *blocks], shape,
-                         None if raise_at is None else raise_at + 1)(environ, start_response)
-    return app
-
-
-PATHS = st.sampled_from(["/", "/app/x", "/ping", "/status", "/%70ing", "ping", ""])
-requests = st.lists(st.tuples(
-    st.fixed_dictionaries({"REQUEST_METHOD": st.sampled_from(["GET", "POST"]),
-                           "DOCUMENT_URI": PATHS},
-                          optional={"REQUEST_URI": PATHS,
-                                    "CONTENT_LENGTH": st.sampled_from(["0", "10", "x"]),
-                                    "QUERY_STRING": st.sampled_from(["", "a=1"]),
-                                    "HTTP_X_REQUEST_START": st.sampled_from(
-                                        ["t=1", "t=99999999999", "x"])}),
-    st.binary(max_size=3000),
-    st.sampled_from(["plain", "abort_before", "abort_after", "values", "unknown",
-                     "authorizer"])), min_size=1, max_size=3)
-
-
-def _wire(reqs: List[Tuple[Dict[str, str], bytes, str]], keep_last: bool,
-          tail: bytes) -> List[bytes]:
-    """The requests on one connection (ids 1, 2, ...), each sent once the one before it is
-    answered, as a web server does, with management records, aborts and other roles
-    between them; ``tail`` last."""
-    out = []
-    for i, (params, body, extra) in enumerate(reqs):
-        rid = i + 1
-        keep = keep_last or i + 1 < len(reqs)
-        part = b""
-        if extra == "values":
-            part = pp.encode_record(pp.GET_VALUES, 0, pp.encode_pairs(
-                [("FCGI_MAX_CONNS", ""), ("FCGI_MPXS_CONNS", ""), ("X", "")]))
-        elif extra == "unknown":
-            part = pp.encode_record(99, 0, b"")
-        elif extra == "authorizer":
-            part = pp.encode_begin_request(rid + 100, pp.AUTHORIZER, True)
-        request = pp.encode_request(params, body, rid, keep)
-        if extra == "abort_before":
-            begin = pp.HEADER_LEN * 2
-            request = request[:begin] + pp.encode_record(pp.ABORT_REQUEST, rid) + \
-                request[begin:]
-        part += request
-        if extra == "abort_after":
-            part += pp.encode_record(pp.ABORT_REQUEST, rid)
-        out.append(part)
-    out.append(tail)
-    return out
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(reqs=requests, keep_last=st.booleans(),
-       tail=st.one_of(st.just(b""), st.binary(max_size=40)), cut=st.integers(0, 1 << 16),
-       shape=st.sampled_from(["list", "gen", "write"]),
-       blocks=st.lists(st.binary(max_size=300), max_size=3),
-       raise_at=st.one_of(st.none(), st.integers(0, 3)),
-       max_body=st.sampled_from([0, 100]), in_memory=st.sampled_from([0, 1 << 20]),
-       queue_timeout=st.sampled_from([0.0, 5.0]), special=st.booleans(),
-       family=st.sampled_from(["unix", "tcp"]))
-def test_same_conversation_through_table_and_responder(
-        reqs: List[Tuple[Dict[str, str], bytes, str]], keep_last: bool, tail: bytes, cut: int,
-        shape: str, blocks: List[bytes], raise_at: Optional[int], max_body: int,
-        in_memory: int, queue_timeout: float, special: bool, family: str) -> None:
-    parts = _wire(reqs, keep_last, tail)
-    point = cut % (len(parts[0]) + 1)  # the first request comes in two reads
-    parts[:1] = [parts[0][:point], parts[0][point:]]
-    app = _request_app(shape, blocks, raise_at)
-    workers = {"max_body": max_body, "max_body_in_memory": in_memory,
-               "queue_timeout": queue_timeout}
-    status = {"path": "/status", "ping_path": "/ping"} if special else {}
-    compiled_run = _converse((ct, cr, cw), parts, app, workers, status, family)
-    pure_run = _converse((pt, pr, pw), parts, app, workers, status, family)
-    assert compiled_run == pure_run
-    assert compiled_run[1]  # something was served or refused: the harness reached the core
