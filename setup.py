@@ -1,7 +1,8 @@
 """Build the request core compiled where a C compiler is present, pure Python otherwise.
 
 Everything else about the package is in ``pyproject.toml``. The request core
-(``fcgi_manager/wire/protocol.py`` and ``fcgi_manager/worker/wsgi.py``) is compiled with mypyc from the
+(``fcgi_manager/wire/protocol.py``, ``fcgi_manager/worker/wsgi.py`` and the request path's
+``worker/connection.py`` and ``worker/responder.py``) is compiled with mypyc from the
 same typed source the pure package runs (README, "Design": why mypyc). The build is
 optional on purpose: no mypyc, no compiler, no Python headers, or a compile error, and the
 package installs with its pure modules, which behave identically. ``FCGI_MANAGER_PURE=1``
@@ -17,7 +18,8 @@ from typing import Any, List
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-CORE = ["fcgi_manager/wire/protocol.py", "fcgi_manager/worker/wsgi.py"]
+CORE = ["fcgi_manager/wire/protocol.py", "fcgi_manager/worker/wsgi.py",
+        "fcgi_manager/worker/connection.py", "fcgi_manager/worker/responder.py"]
 # One shared library inside the package (mypyc's default is a hash-named top-level module).
 GROUP = "fcgi_manager._core"
 

@@ -1,6 +1,7 @@
 """Which request core runs: the modules compiled from this package's source, or the source.
 
-The request core (``wire.protocol``, ``worker.wsgi``) may be installed twice: the
+The request core (``wire.protocol``, ``worker.wsgi``, and the request path's
+``worker.connection`` and ``worker.responder``) may be installed twice: the
 ``.py`` files, and beside each the extension module mypyc built from that very file
 (``setup.py``). Python's import system prefers an extension, so the choice is made here,
 once, before either is imported (``fcgi_manager/__init__.py`` calls :func:`install`): the
@@ -27,8 +28,8 @@ from types import ModuleType
 from typing import Dict, Optional, Sequence
 
 PACKAGE = __name__.rpartition(".")[0]
-# In import order (wsgi imports protocol), as names under the package.
-MODULES = ("wire.protocol", "worker.wsgi")
+# In import order (each imports only those before it), as names under the package.
+MODULES = ("wire.protocol", "worker.wsgi", "worker.connection", "worker.responder")
 # The compiled code of all of them, one library (the modules above are thin shims into it).
 SHARED_LIB = "_core__mypyc"
 PURE_ENV = "FCGI_MANAGER_PURE"

@@ -118,14 +118,15 @@ class Conn:
             sent = os.write(fd, data)
             if sent < len(data):
                 self._send_rest(data, sent)
-        except BlockingIOError as exc:
+        # One name per handler: compiled, a name keeps the type of its first binding.
+        except BlockingIOError as full:
             if os.get_blocking(fd):  # SO_SNDTIMEO ran out
-                raise ClientGone("write timeout: the web server stopped reading") from exc
+                raise ClientGone("write timeout: the web server stopped reading") from full
             self._send_rest(data, 0)
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            raise ClientGone("the web server closed the connection") from exc
-        except OSError as exc:
-            raise ClientGone(f"write failed: {exc.strerror}") from exc
+        except (BrokenPipeError, ConnectionResetError) as closed:
+            raise ClientGone("the web server closed the connection") from closed
+        except OSError as failed:
+            raise ClientGone(f"write failed: {failed.strerror}") from failed
 
     def _send_rest(self, data: bytes, sent: int) -> None:
         """The rest of a write the socket did not take at once.
@@ -150,12 +151,12 @@ class Conn:
                         poller.register(fd, select.POLLOUT)
                     if not poller.poll(self.write_timeout * 1000.0):
                         raise
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            raise ClientGone("the web server closed the connection") from exc
-        except BlockingIOError as exc:
-            raise ClientGone("write timeout: the web server stopped reading") from exc
-        except OSError as exc:
-            raise ClientGone(f"write failed: {exc.strerror}") from exc
+        except (BrokenPipeError, ConnectionResetError) as closed:
+            raise ClientGone("the web server closed the connection") from closed
+        except BlockingIOError as full:
+            raise ClientGone("write timeout: the web server stopped reading") from full
+        except OSError as failed:
+            raise ClientGone(f"write failed: {failed.strerror}") from failed
 
     def mid_request(self) -> bool:
         return self.request_id != 0 or self.parser.buffered > 0

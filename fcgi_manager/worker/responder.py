@@ -239,20 +239,20 @@ class Responder:
                 environ = lane.environ.build(params, conn.body.stream())
                 code = run_app(self.app, environ, send, rid, lane.errors,
                                self.log_exception, conn.check_abort)
-        except RequestAborted as exc:
+        except RequestAborted as aborted:  # its own name: compiled, a name has one type
             if lane.leave is not None:
                 lane.leave()
             # Stop the output and end the request; the connection stays usable.
-            log.info("%s: %s", escape(f"{method} {uri[:200]}"), exc)
+            log.info("%s: %s", escape(f"{method} {uri[:200]}"), aborted)
             lane.errors.reset()
             try:
                 send(protocol.end_of_request(rid, 0))
             except ClientGone:
                 result = Result.GONE
-        except ClientGone as exc:
+        except ClientGone as gone:
             if lane.leave is not None:
                 lane.leave()
-            log.info("%s: %s (client abort?)", escape(f"{method} {uri[:200]}"), exc)
+            log.info("%s: %s (client abort?)", escape(f"{method} {uri[:200]}"), gone)
             lane.errors.reset()
             result = Result.CLOSE
         else:
