@@ -11,8 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-import pytest
-from support import Manager, fcgi_manager
+from support import Manager, fcgi_manager, need_root
 
 MakeManager = Callable[..., Manager]
 
@@ -64,10 +63,10 @@ def test_a_module_named_with_py_gets_drop_the_py(make_manager: MakeManager) -> N
     assert "is not on the path" not in check.stderr, check
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="running the app as another user needs root")
 def test_permission_denied_is_not_not_on_the_path(make_manager: MakeManager,
                                                   tmp_path: Path) -> None:
     """manager.user cannot enter the app's directory: say that, not "not on the path"."""
+    need_root("running the app as another user needs root")
     root = Path(shutil.os.path.realpath("/tmp")) / f"fcgi-perm-{os.getpid()}"
     root.mkdir(mode=0o755)
     try:

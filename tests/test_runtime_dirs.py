@@ -13,8 +13,7 @@ import stat
 from pathlib import Path
 from typing import Any, Callable, Dict
 
-import pytest
-from support import Manager, fcgi_request
+from support import Manager, fcgi_request, need_root
 
 MakeManager = Callable[..., Manager]
 
@@ -95,9 +94,9 @@ def test_not_created_in_a_parent_others_can_write(make_manager: MakeManager,
     assert not (parent / "app").exists()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="making a link owned by another user needs root")
 def test_never_through_another_users_link(make_manager: MakeManager, tmp_path: Path) -> None:
     """``run`` is a symbolic link another user made: nothing is created through it."""
+    need_root("making a link owned by another user needs root")
     target = tmp_path / "elsewhere"
     target.mkdir(mode=0o755)
     m = make_manager("hello:app", bind=f"unix:{tmp_path / 'run' / 'app' / 'fcgi.sock'}",

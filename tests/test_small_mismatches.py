@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-from support import ROOT, Manager, fcgi_manager
+from support import ROOT, Manager, fcgi_manager, need_root
 
 MakeManager = Callable[..., Manager]
 README = (ROOT / "README.md").read_text()
@@ -150,8 +150,8 @@ def _as_nobody(body: Callable[[], str]) -> str:
     return b"".join(chunks).decode()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a master of another user needs root")
 def test_a_plain_user_stopping_roots_master_is_told_whose_it_is() -> None:
+    need_root("a master of another user needs root")
     from fcgi_manager.cli import commands as cli
 
     me = os.getpid()  # root's process, as a master started by root
@@ -159,8 +159,8 @@ def test_a_plain_user_stopping_roots_master_is_told_whose_it_is() -> None:
     assert "runs as root" in text and "sudo fcgi-manager" in text, text
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a user outside the group needs root to make")
 def test_check_with_a_group_it_is_not_in_prints_no_bind_ok(open_dir: Path) -> None:
+    need_root("a user outside the group needs root to make")
     from fcgi_manager import config
     from fcgi_manager.cli import check
 

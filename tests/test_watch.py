@@ -15,8 +15,7 @@ import termios
 import time
 from typing import Callable, List
 
-import pytest
-from support import Manager, ProcessTracker, _child_env, fcgi_request, wait_for
+from support import Manager, ProcessTracker, _child_env, fcgi_request, skip_or_fail, wait_for
 
 MakeManager = Callable[..., Manager]
 SNAPSHOT = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  ", re.M)
@@ -105,8 +104,9 @@ def test_watch_json_lines_carry_rates(make_manager: MakeManager) -> None:
     assert any(r["workers"]["1"] > 0 for r in rates)
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/ptmx"), reason="no pseudo-terminals")
 def test_watch_on_a_terminal_redraws_in_place_and_q_quits(make_manager: MakeManager) -> None:
+    if not os.path.exists("/dev/ptmx"):
+        skip_or_fail("no pseudo-terminals")
     m = make_manager(count=2)
     m.start()
     master_fd, slave_fd = os.openpty()
